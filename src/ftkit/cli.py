@@ -1,0 +1,114 @@
+"""The `ftkit` command: thin wiring of the stages. Heavy libraries are imported inside commands only,
+so `ftkit --help` and `ftkit validate` never import torch."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ftkit.errors import FtkitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Fine-tune causal language models from a YAML recipe (LoRA, QLoRA, full fine-tuning).",
+    pretty_exceptions_enable=False,
+)
+
+RecipeArg = typer.Argument(..., help="Path to a YAML recipe.", show_default=False)
+SetOpt = typer.Option(None, "--set", help="Override a recipe key, e.g. --set learning_rate=2e-4 (repeatable).")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    """ftkit: recipe -> data -> model -> train -> artifacts; then chat with the result."""
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+
+
+@app.command()
+def validate(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt) -> None:
+    """Check a recipe (keys, types, values, local paths) without loading any weights or data."""
+    from ftkit.recipe import load_recipe
+
+    parsed = load_recipe(recipe, set_ or [])
+    _print_notes(parsed.notes)
+    m = parsed.model
+    mode = "full fine-tune" if not m.use_peft else ("QLoRA 4-bit" if m.load_in_4bit else "LoRA 8-bit" if m.load_in_8bit else "LoRA")
+    typer.echo(f"{recipe}: ok ({m.model_name_or_path}, {mode}, output_dir {parsed.output_dir()})")
+
+
+@app.command()
+def train(
+    recipe: Path = RecipeArg,
+    set_: Optional[list[str]] = SetOpt,
+    no_cache: bool = typer.Option(False, "--no-cache", help="Re-tokenise the data instead of reusing the cache."),
+) -> None:
+    """Train a model as the recipe says and write the adapter (or model), tokenizer and run summary."""
+    from ftkit.recipe import load_recipe
+
+    parsed = load_recipe(recipe, set_ or [])
+    _print_notes(parsed.notes)
+    from ftkit.train import run_training
+
+    run_training(parsed, use_cache=not no_cache)
+
+
+@app.command()
+def chat(
+    adapter: Optional[Path] = typer.Option(None, help="A run's output_dir or any checkpoint-N dir inside it."),
+    model: Optional[Path] = typer.Option(None, help="A full fine-tuned or merged model directory."),
+    base: Optional[str] = typer.Option(None, help="Base model to load the adapter on (default: from the adapter)."),
+    prompt: Optional[str] = typer.Option(None, help="Ask one question, print only the answer, exit."),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    max_new_tokens: int = typer.Option(256, help="Most tokens to generate per answer."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (ignored with --greedy)."),
+    top_p: float = typer.Option(0.9, help="Nucleus sampling threshold."),
+    top_k: int = typer.Option(50, help="Sample among the k most likely tokens."),
+    repetition_penalty: float = typer.Option(1.0, help="Penalty > 1 discourages repeating tokens."),
+    greedy: bool = typer.Option(False, help="Always pick the most likely token (reproducible)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    dtype: Optional[str] = typer.Option(None, help="auto, bfloat16, float16 or float32 (CPU: float32)."),
+) -> None:
+    """Talk to a trained model with the exact chat template it was trained with."""
+    from ftkit.chat import GenerationOptions, run_chat
+
+    options = GenerationOptions(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, greedy=greedy, seed=seed,
+    )
+    run_chat(adapter=adapter, model_dir=model, base=base, prompt=prompt, system=system, options=options, dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import click
+
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        app(args=args, prog_name="ftkit", standalone_mode=False)
+    except FtkitError as err:
+        if debug:
+            raise
+        for line in err.lines:
+            typer.echo(f"ftkit: error: {line}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.ClickException as err:
+        err.show()
+        sys.exit(2 if isinstance(err, click.exceptions.UsageError) else err.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        typer.echo("ftkit: interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except Exception as err:  # a bug or a library failure we did not anticipate: one line, not a wall
+        if debug:
+            raise
+        typer.echo(f"ftkit: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""Data stage: sources -> rows -> one conversation form -> tokens with exact loss masks."""

@@ -1,0 +1,249 @@
+"""Recipe stage: read a flat YAML recipe, check every key and value, split it among its owners.
+
+TRL's own YAML parsing skips type and choice checks and forwards unknown keys to accelerate; ftkit
+checks everything itself and reports every problem of a recipe at once, each naming file, line and key.
+Nothing here imports torch: `ftkit validate` must answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftkit.arguments import DataArguments, ModelArguments, RunArguments
+from ftkit.errors import FtkitError
+
+# Old names still found in published recipes -> current name. Accepted with a one-line note.
+RENAMED = {
+    "torch_dtype": "dtype",
+    "max_seq_length": "max_length",
+    "evaluation_strategy": "eval_strategy",
+    "warmup_ratio": "warmup_steps",  # transformers 5: a float in [0, 1) is a ratio of the total steps
+    "no_cuda": "use_cpu",
+    "chat_template_path": "chat_template",
+    "dataset_num_proc": "preprocessing_num_workers",
+    "use_flash_attention_2": "attn_implementation",
+}
+# Keys that transformers 5 / TRL 1 removed and that have no effect any more; accepted with a note.
+IGNORED = {
+    "logging_dir": "TensorBoard logs go to output_dir/runs",
+    "save_safetensors": "ftkit always saves safetensors",
+    "hub_model_revision": "pushes go to the default branch",
+}
+# SFTConfig keys ftkit implements itself (masking, templates, tokenising) and does not pass to TRL.
+HANDLED_SFT_KEYS = {"assistant_only_loss", "completion_only_loss", "dataset_text_field", "eos_token", "pad_token"}
+SECRET_PATTERN = re.compile(r"(token|secret|password|api_key)$")
+SECTIONS = {"model": ModelArguments, "data": DataArguments, "run": RunArguments}
+
+
+@lru_cache(maxsize=1)
+def sft_schema() -> dict[str, dict]:
+    """SFTConfig's fields, from the snapshot scripts/gen_sft_schema.py wrote (no trl import)."""
+    text = (Path(__file__).parent / "sft_schema.json").read_text(encoding="utf-8")
+    fields = json.loads(text)["fields"]
+    for key in list(fields):
+        if key in RENAMED or key in IGNORED or key in RunArguments.__dataclass_fields__:
+            fields.pop(key)
+    return fields
+
+
+def yaml_kinds(tp) -> list[str]:
+    """The YAML value kinds (bool, int, float, str, list, dict, null) an annotation accepts."""
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing) | {"Any": Any})  # noqa: S307 - our own annotations only
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return sorted({kind for arg in typing.get_args(tp) for kind in yaml_kinds(arg)})
+    if tp is type(None):
+        return ["null"]
+    if tp is Any:
+        return ["bool", "dict", "float", "int", "list", "null", "str"]
+    if tp in (bool, int, float, str):
+        return [tp.__name__]
+    if tp in (list, tuple) or origin in (list, tuple):
+        return ["list"]
+    if tp is dict or origin is dict:
+        return ["dict"]
+    return ["object"]
+
+
+@lru_cache(maxsize=1)
+def key_table() -> dict[str, tuple[str, list[str], list | None]]:
+    """Every valid key -> (owner section, accepted kinds, choices)."""
+    table: dict[str, tuple[str, list[str], list | None]] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            table[f.name] = (section, yaml_kinds(f.type), f.metadata.get("choices"))
+    for name, spec in sft_schema().items():
+        table.setdefault(name, ("sft", spec["kinds"], spec["choices"]))
+    return table
+
+
+@dataclass
+class Recipe:
+    model: ModelArguments
+    data: DataArguments
+    run: RunArguments
+    sft: dict[str, Any]  # SFTConfig keys the recipe sets, checked against the schema
+    path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def output_dir(self) -> Path:
+        out = self.sft.get("output_dir")
+        stem = self.path.stem if self.path else "run"
+        return Path(out) if out else Path("runs") / stem
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved recipe, secrets left out, ready to save as ftkit_recipe.yml."""
+        resolved: dict[str, Any] = {}
+        for section in (self.model, self.data, self.run):
+            resolved.update(dataclasses.asdict(section))
+        resolved.update(self.sft)
+        resolved.setdefault("output_dir", str(self.output_dir()))
+        return {k: v for k, v in resolved.items() if not SECRET_PATTERN.search(k)}
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "dict"}.get(type(value), "object")
+
+
+def coerce(value: Any, kinds: list[str]) -> Any:
+    """YAML reads `1e-4` as a string and `3` as an int; accept what the field obviously means."""
+    kind = _type_name(value)
+    if kind == "str" and "str" not in kinds and ("float" in kinds or "int" in kinds):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if "int" in kinds and "float" not in kinds and number.is_integer() else number
+    if kind == "int" and "int" not in kinds and "float" in kinds:
+        return float(value)
+    if kind == "str" and "list" in kinds and "str" not in kinds:
+        return [value]
+    return value
+
+
+def check_value(key: str, value: Any, kinds: list[str], choices: list | None) -> str | None:
+    """Return a problem with one value, or None."""
+    kind = _type_name(value)
+    if kind not in kinds and "object" not in kinds:
+        expected = " or ".join(k for k in kinds if k != "null")
+        return f"expected {expected}, got {kind} {value!r}"
+    if choices and isinstance(value, str) and value not in choices:
+        close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        listed = ", ".join(str(c) for c in choices[:12]) + (", ..." if len(choices) > 12 else "")
+        return f"'{value}' is not one of: {listed}{hint}"
+    return None
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Load a recipe with yaml.safe_load semantics, plus the line of every top-level key."""
+    if not path.is_file():
+        raise FtkitError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise FtkitError(f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}") from None
+    if data is None:
+        raise FtkitError(f"{path}: the recipe is empty; it needs at least model_name_or_path and a dataset")
+    if not isinstance(data, dict):
+        raise FtkitError(f"{path}: a recipe is a mapping of keys to values, got {_type_name(data)}")
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    return data, lines
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs; values are read as YAML, so 2e-4, true and [a, b] mean what they say."""
+    values = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise FtkitError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set learning_rate=2e-4")
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            values[key.strip()] = raw
+    return values
+
+
+def rename_legacy(key: str, value: Any, notes: list[str], where: str) -> tuple[str, Any] | None:
+    """Map an old key to its current name (or None to drop it), adding a one-line note."""
+    if key in IGNORED:
+        notes.append(f"{where}: '{key}' is no longer used ({IGNORED[key]}); ignored")
+        return None
+    new = RENAMED[key]
+    if key == "use_flash_attention_2":
+        notes.append(f"{where}: 'use_flash_attention_2' is deprecated; use attn_implementation: flash_attention_2")
+        return (new, "flash_attention_2") if value else None
+    notes.append(f"{where}: '{key}' is deprecated; renamed to '{new}'")
+    return new, value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = None, raw: dict | None = None) -> Recipe:
+    """Read, check and split a recipe. Raises FtkitError listing every problem found."""
+    from ftkit import recipe_checks
+
+    path = Path(path) if path is not None else None
+    data, lines = (raw, {}) if raw is not None else read_yaml(path)  # type: ignore[arg-type]
+    label = str(path) if path else "recipe"
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
+    items = [(k, v, f"{label}:{lines[k]}" if k in lines else label) for k, v in data.items()]
+    items += [(k, v, f"--set {k}") for k, v in extra.items()]
+
+    table, problems, notes = key_table(), [], []
+    sections: dict[str, dict[str, Any]] = {name: {} for name in (*SECTIONS, "sft")}
+    for key, value, where in items:
+        if not isinstance(key, str):
+            problems.append(f"{where}: key {key!r} is not a name")
+            continue
+        if key in RENAMED or key in IGNORED:
+            renamed = rename_legacy(key, value, notes, where)
+            if renamed is None:
+                continue
+            key, value = renamed
+        if key not in table:
+            problems.append(f"{where}: unknown key '{key}'{suggest(key, table)}")
+            continue
+        section, kinds, choices = table[key]
+        value = coerce(value, kinds)
+        problem = check_value(key, value, kinds, choices)
+        if problem:
+            problems.append(f"{where}: '{key}': {problem}")
+            continue
+        sections[section][key] = value
+
+    recipe = Recipe(
+        model=ModelArguments(**sections["model"]),
+        data=DataArguments(**sections["data"]),
+        run=RunArguments(**sections["run"]),
+        sft=sections["sft"],
+        path=path,
+        notes=notes,
+    )
+    where_of = {k: w for k, _, w in items}
+    problems += [f"{where_of.get(k, label)}: '{k}': {msg}" for k, msg in recipe_checks.check(recipe)]
+    if problems:
+        raise FtkitError(*problems)
+    return recipe
+
+
+def suggest(key: str, table: dict) -> str:
+    close = difflib.get_close_matches(key, list(table) + list(RENAMED), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
