@@ -99,7 +99,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "A built-in template name (chatml, llama3, gemma, llama2, alpaca), a path to a Jinja file, or "
-            "inline Jinja. Default: the tokenizer's own, else chatml. Saved with the output for chat/predict."
+            "inline Jinja. Default: the tokenizer's own, else alpaca (needs no new tokens). Saved with the output."
         },
     )
     system_prompt: str | None = field(default=None, metadata={"help": "System message added to samples that have none."})

@@ -86,11 +86,23 @@ def chat(
     run_chat(adapter=adapter, model_dir=model, base=base, prompt=prompt, system=system, options=options, dtype=dtype)
 
 
+def quiet_libraries(debug: bool) -> None:
+    """Library deprecation chatter and optional-kernel notices are not actionable by our users."""
+    import logging
+    import warnings
+
+    if not debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*use_cache=True.*")
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
     import click
 
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    quiet_libraries(debug)
     try:
         app(args=args, prog_name="ftkit", standalone_mode=False)
     except FtkitError as err:

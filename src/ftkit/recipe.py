@@ -51,8 +51,9 @@ def sft_schema() -> dict[str, dict]:
     """SFTConfig's fields, from the snapshot scripts/gen_sft_schema.py wrote (no trl import)."""
     text = (Path(__file__).parent / "sft_schema.json").read_text(encoding="utf-8")
     fields = json.loads(text)["fields"]
+    ours = {name for cls in SECTIONS.values() for name in cls.__dataclass_fields__}
     for key in list(fields):
-        if key in RENAMED or key in IGNORED or key in RunArguments.__dataclass_fields__:
+        if key in RENAMED or key in IGNORED or key in ours:  # one owner per key: ours wins
             fields.pop(key)
     return fields
 

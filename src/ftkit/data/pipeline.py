@@ -1,0 +1,181 @@
+"""Recipe -> tokenised train/eval datasets with `input_ids` and `labels` (-100 where no loss), cached.
+
+The cache key covers everything that changes the tokens (data file contents, sources and weights,
+template text, tokenizer vocabulary and added tokens, max_length, masking, ftkit's version), so a
+cached dataset is never stale; change nothing and the second run does no tokenisation at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftkit import __version__
+from ftkit.data.chat_format import ChatFormat
+from ftkit.data.loading import MixStats, load_mixture, local_files
+from ftkit.data.sources import mixture_option, sources_from_recipe
+
+
+@dataclass
+class DataStats:
+    train_rows: int = 0
+    eval_rows: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_no_loss: int = 0
+    skipped_bad_rows: int = 0
+    test_split_carved: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    rows_per_source: dict[str, int] = field(default_factory=dict)
+    cache: str = ""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FTKIT_CACHE", Path.home() / ".cache" / "ftkit")) / "tokenized"
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([tokenizer.all_special_tokens, sorted(tokenizer.get_added_vocab().items())])
+    return hashlib.sha256((text + extra).encode()).hexdigest()
+
+
+def cache_key(recipe, chat_format: ChatFormat, seed: int) -> str:
+    specs = sources_from_recipe(recipe.data)
+    sources = []
+    for spec in specs:
+        files = local_files(spec)
+        content = [file_digest(p) for p in files] if files else None
+        sources.append({**asdict(spec), "content": content})
+    d = recipe.data
+    parts: dict[str, Any] = {
+        "ftkit": __version__, "sources": sources, "system_prompt": d.system_prompt, "train_on": d.train_on,
+        "on_bad_rows": d.on_bad_rows, "overlong": d.overlong, "test_split_size": test_split_size(recipe),
+        "auto_insert_empty_system_msg": d.auto_insert_empty_system_msg, "seed": seed,
+        "template": chat_format.template, "tokenizer": tokenizer_digest(chat_format.tokenizer),
+        "max_length": recipe.sft.get("max_length", 1024),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def test_split_size(recipe) -> float | None:
+    return recipe.data.test_split_size or mixture_option(recipe.data, "test_split_size")
+
+
+def encode_batch(batch: dict[str, list], chat_format: ChatFormat, train_on: str, max_length: int | None,
+                 overlong: str) -> dict[str, list]:
+    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "keep": []}
+    eos_id = chat_format.tokenizer.eos_token_id
+    for messages, text in zip(batch["messages"], batch["text"]):
+        if messages is not None:
+            encoded = chat_format.encode(messages, train_on)
+            ids, labels = encoded.input_ids, encoded.labels
+        else:
+            ids = chat_format.tokenizer(text)["input_ids"] + ([eos_id] if eos_id is not None else [])
+            labels = list(ids)
+        too_long = max_length is not None and len(ids) > max_length
+        if too_long and overlong == "truncate":
+            ids, labels = ids[:max_length], labels[:max_length]
+        keep = not (too_long and overlong == "drop") and any(label != -100 for label in labels)
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["truncated"].append(too_long)
+        out["keep"].append(keep)
+    return out
+
+
+def tokenize_rows(rows: list[dict], chat_format: ChatFormat, recipe, stats: DataStats):
+    import datasets
+
+    if not rows:
+        return None
+    for row in rows:
+        if recipe.data.auto_insert_empty_system_msg and row["messages"] and row["messages"][0]["role"] != "system":
+            row["messages"].insert(0, {"role": "system", "content": ""})
+    raw = datasets.Dataset.from_list(rows)
+    encoded = raw.map(
+        encode_batch,
+        batched=True,
+        batch_size=256,
+        num_proc=recipe.data.preprocessing_num_workers if len(rows) > 1000 else None,
+        remove_columns=raw.column_names,
+        fn_kwargs={"chat_format": chat_format, "train_on": recipe.data.train_on,
+                   "max_length": recipe.sft.get("max_length", 1024), "overlong": recipe.data.overlong},
+        load_from_cache_file=False,
+        desc="Tokenising",
+    )
+    truncated, keep = encoded["truncated"], encoded["keep"]
+    stats.truncated += sum(1 for t, k in zip(truncated, keep) if t and k)
+    stats.dropped_overlong += sum(1 for t, k in zip(truncated, keep) if t and not k and recipe.data.overlong == "drop")
+    stats.dropped_no_loss += sum(1 for t, k in zip(truncated, keep) if not k and not (t and recipe.data.overlong == "drop"))
+    kept = encoded.filter(lambda k: k, input_columns="keep").remove_columns(["truncated", "keep"])
+    for ids, labels in zip(kept["input_ids"], kept["labels"]):
+        stats.tokens += len(ids)
+        stats.trained_tokens += sum(1 for label in labels if label != -100)
+    return kept
+
+
+def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=print):
+    """-> (train dataset, eval dataset or None, DataStats)."""
+    import datasets
+
+    seed = mixture_option(recipe.data, "seed") or recipe.sft.get("data_seed") or recipe.sft.get("seed", 42)
+    key = cache_key(recipe, chat_format, seed)
+    folder = cache_root() / key
+    if use_cache and (folder / "stats.json").is_file():
+        stats = DataStats(**json.loads((folder / "stats.json").read_text()))
+        train = datasets.load_from_disk(str(folder / "train"))
+        evaluation = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
+        log(f"reused cached tokens {key} ({stats.train_rows} train, {stats.eval_rows} eval rows; {folder})")
+        return train, evaluation, stats
+
+    specs = sources_from_recipe(recipe.data)
+    train_rows, eval_rows, mix = load_mixture(specs, recipe.data.system_prompt, recipe.data.on_bad_rows, seed,
+                                              test_split_size(recipe))
+    stats = stats_from_mix(mix)
+    train = tokenize_rows(train_rows, chat_format, recipe, stats)
+    evaluation = tokenize_rows(eval_rows, chat_format, recipe, stats)
+    stats.train_rows, stats.eval_rows = len(train), len(evaluation) if evaluation is not None else 0
+    stats.cache = key
+    if stats.train_rows == 0:
+        from ftkit.errors import FtkitError
+
+        raise FtkitError("no training samples left after tokenising: every sample was dropped (see max_length, overlong)")
+    log(f"tokenised {len(train_rows) + len(eval_rows):,} conversations (cache {key})")
+    if use_cache:
+        save_cache(folder, train, evaluation, stats)
+    return train, evaluation, stats
+
+
+def stats_from_mix(mix: MixStats) -> DataStats:
+    return DataStats(skipped_bad_rows=mix.skipped, test_split_carved=mix.test_split_carved,
+                     rows_per_source=dict(mix.rows_used))
+
+
+def save_cache(folder: Path, train, evaluation, stats: DataStats) -> None:
+    """Write to a temporary folder and rename, so an interrupted run never leaves a half cache."""
+    import shutil
+
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    train.save_to_disk(str(tmp / "train"))
+    if evaluation is not None:
+        evaluation.save_to_disk(str(tmp / "eval"))
+    (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)

@@ -1,0 +1,183 @@
+"""Model stage: tokenizer (pad token, chat template, missing special tokens), precision, quantisation,
+embedding size, and the PEFT wrapper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ftkit.arguments import ModelArguments
+from ftkit.data.chat_format import ChatFormat
+from ftkit.data.templates import BUILTIN_TEMPLATES, resolve_template
+from ftkit.errors import FtkitError
+
+PAD_CANDIDATE = "<|pad|>"
+
+
+@dataclass
+class Precision:
+    bf16: bool
+    fp16: bool
+    dtype: str  # weights dtype name
+    compute_dtype: str  # 4-bit compute dtype
+    device: str  # "cuda" or "cpu"
+
+
+def resolve_precision(model_args: ModelArguments, sft: dict) -> Precision:
+    """bf16/fp16 only where the hardware has it, with an actionable error instead of a mid-step crash."""
+    import torch
+
+    cuda = torch.cuda.is_available() and not sft.get("use_cpu")
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    bf16, fp16 = sft.get("bf16"), sft.get("fp16")
+    if bf16 and not bf16_ok:
+        where = "this GPU" if cuda else "a CPU-only machine"
+        raise FtkitError(f"bf16: true, but {where} has no bf16 training support; set bf16: false "
+                         "(or --set bf16=false) to train in float32")
+    if fp16 and not cuda:
+        raise FtkitError("fp16: true needs a CUDA GPU; set fp16: false (or --set fp16=false) to train in float32")
+    if bf16 is None and not fp16:
+        bf16 = bf16_ok
+    mixed = "bfloat16" if bf16 else "float16" if fp16 else "float32"
+    dtype = model_args.dtype if model_args.dtype and model_args.dtype != "auto" else mixed
+    if not cuda and dtype != "float32":
+        dtype = "float32"  # half-precision weights on CPU train slowly or not at all
+    if fp16 and not model_args.use_peft:
+        dtype = "float32"  # fp16 AMP cannot unscale fp16 master weights
+    return Precision(bool(bf16), bool(fp16), dtype, model_args.bnb_4bit_compute_dtype or mixed,
+                     "cuda" if cuda else "cpu")
+
+
+def load_tokenizer(model_args: ModelArguments, template_spec: str | None, log=print):
+    """-> (tokenizer, ChatFormat). Adds tokens the template needs and a pad token distinct from eos."""
+    from transformers import AutoTokenizer
+
+    name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=model_args.model_revision,
+                                                  trust_remote_code=model_args.trust_remote_code)
+    except Exception as err:
+        raise FtkitError(f"tokenizer '{name}' could not be loaded: {str(err).splitlines()[0][:300]}") from None
+    template = resolve_template(template_spec) or tokenizer.chat_template
+    if not template:
+        template = BUILTIN_TEMPLATES["alpaca"]
+        log("note: the tokenizer has no chat template; using the built-in 'alpaca' template (answers end with eos)")
+    if isinstance(template, dict):  # some tokenizers ship several named templates
+        template = template.get("default") or next(iter(template.values()))
+    tokenizer.chat_template = template
+    chat_format = ChatFormat(tokenizer, template)
+    missing = chat_format.missing_tokens()
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        log(f"note: added {len(missing)} token(s) the chat template needs: {' '.join(missing)}; their embeddings "
+            "are initialised to the mean and trained")
+        chat_format = ChatFormat(tokenizer, template)
+    ensure_pad_token(tokenizer, chat_format, log)
+    return tokenizer, chat_format, missing
+
+
+def ensure_pad_token(tokenizer, chat_format: ChatFormat, log=print) -> None:
+    """A pad token that is neither eos nor the end-of-turn token, so those never look like padding."""
+    reserved = {tokenizer.eos_token, chat_format.end_of_turn}
+    if tokenizer.pad_token is not None and tokenizer.pad_token not in reserved:
+        return
+    if tokenizer.unk_token is not None and tokenizer.unk_token not in reserved:
+        tokenizer.pad_token = tokenizer.unk_token
+        log(f"note: pad token set to {tokenizer.unk_token} (the tokenizer had none distinct from eos)")
+        return
+    tokenizer.add_special_tokens({"pad_token": PAD_CANDIDATE})
+    log(f"note: added pad token {PAD_CANDIDATE} (the tokenizer had none distinct from eos/end-of-turn)")
+
+
+def quantization_config(model_args: ModelArguments, precision: Precision):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if model_args.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+            bnb_4bit_compute_dtype=getattr(torch, precision.compute_dtype),
+            bnb_4bit_quant_storage=getattr(torch, model_args.bnb_4bit_quant_storage or "uint8"),
+        )
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_model(model_args: ModelArguments, precision: Precision, device_index: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quant = quantization_config(model_args, precision)
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+        dtype=getattr(torch, precision.dtype),
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quant,
+    )
+    if quant is not None:  # each process loads its quantised copy onto its own device
+        kwargs["device_map"] = {"": device_index if precision.device == "cuda" else "cpu"}
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
+        raise FtkitError(f"model '{model_args.model_name_or_path}' could not be loaded: "
+                         f"{str(err).splitlines()[0][:300]}") from None
+
+
+def fit_embeddings(model, tokenizer, log=print) -> bool:
+    """Grow the embedding matrix to the tokenizer, new rows set to the mean of the old ones. -> resized?"""
+    import torch
+
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= old:
+        return False
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for matrix in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}.values():
+            weight = matrix.weight
+            weight[old:] = weight[:old].float().mean(dim=0).to(weight.dtype)
+    log(f"note: embedding matrix resized from {old} to {len(tokenizer)} rows")
+    return True
+
+
+def apply_peft(model, model_args: ModelArguments, new_tokens: bool, gradient_checkpointing: bool, log=print):
+    """LoRA/DoRA/rsLoRA; when tokens were added, embed_tokens and lm_head are trained and saved too."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    to_save = list(model_args.lora_modules_to_save or [])
+    if new_tokens:
+        for name in embedding_module_names(model):
+            if name not in to_save:
+                to_save.append(name)
+                log(f"note: '{name}' is trained in full and saved with the adapter, so the new tokens are learned")
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or "all-linear",
+        target_parameters=model_args.lora_target_parameters,
+        modules_to_save=to_save or None,
+        task_type=model_args.lora_task_type,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+    )
+    return get_peft_model(model, config)
+
+
+def embedding_module_names(model) -> list[str]:
+    names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    out = [names[model.get_input_embeddings()]]
+    head = model.get_output_embeddings()
+    if head is not None and head is not model.get_input_embeddings():
+        out.append(names[head])
+    return out
+
+
+def trainable_summary(model) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"

@@ -1,0 +1,121 @@
+"""Train stage: wire recipe -> data -> model into TRL's SFTTrainer, then write the run's artifacts."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ftkit.errors import FtkitError
+from ftkit.recipe import HANDLED_SFT_KEYS, Recipe
+
+FINISHED_MARKERS = ("train_summary.json", "adapter_model.safetensors", "model.safetensors")
+
+
+def guard_output_dir(recipe: Recipe) -> Path:
+    """Never train over a finished run unless the recipe asks (overwrite_output_dir) or resumes."""
+    out = recipe.output_dir()
+    if not out.exists() or recipe.run.overwrite_output_dir or recipe.sft.get("resume_from_checkpoint"):
+        return out
+    if any((out / marker).exists() for marker in FINISHED_MARKERS):
+        raise FtkitError(f"output_dir '{out}' already holds a finished run; choose another output_dir, "
+                         "or set overwrite_output_dir: true to replace it")
+    if any(out.glob("checkpoint-*")):
+        raise FtkitError(f"output_dir '{out}' holds checkpoints of an unfinished run; set "
+                         "resume_from_checkpoint: true to continue it, or overwrite_output_dir: true to start over")
+    return out
+
+
+def setup_reporting(recipe: Recipe, log=print) -> None:
+    """wandb without an API key would block on a login prompt: run it offline and say so."""
+    report = recipe.sft.get("report_to") or []
+    report = [report] if isinstance(report, str) else report
+    for key, env in (("wandb_entity", "WANDB_ENTITY"), ("wandb_project", "WANDB_PROJECT"),
+                     ("wandb_run_group", "WANDB_RUN_GROUP")):
+        if getattr(recipe.run, key):
+            os.environ[env] = getattr(recipe.run, key)
+    if ("wandb" in report or "all" in report) and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        if not (Path.home() / ".netrc").is_file():
+            os.environ["WANDB_MODE"] = "offline"
+            log("note: no wandb API key found; wandb logs offline (sync later with `wandb sync`)")
+
+
+def sft_config(recipe: Recipe, precision, out: Path, has_eval: bool):
+    from trl import SFTConfig
+
+    args = {k: v for k, v in recipe.sft.items() if k not in HANDLED_SFT_KEYS}
+    args.pop("resume_from_checkpoint", None)
+    args.update(output_dir=str(out), bf16=precision.bf16, fp16=precision.fp16,
+                use_cpu=precision.device == "cpu", include_num_input_tokens_seen="all",
+                trust_remote_code=recipe.model.trust_remote_code)
+    if not has_eval and args.get("eval_strategy", "no") != "no":
+        raise FtkitError("eval_strategy is set but there is no eval split: add a test split to dataset_splits "
+                         "or set test_split_size")
+    # transformers 5.23 renamed gradient_checkpointing* to activation_checkpointing*; recipes use either.
+    args["activation_checkpointing"] = checkpointing_enabled(recipe.sft)
+    kwargs = args.pop("activation_checkpointing_kwargs", None) or args.pop("gradient_checkpointing_kwargs", None)
+    args.pop("gradient_checkpointing", None)
+    args.pop("gradient_checkpointing_kwargs", None)
+    if args["activation_checkpointing"]:
+        args["activation_checkpointing_kwargs"] = kwargs or {"use_reentrant": False}
+    args.setdefault("report_to", "none")
+    try:
+        return SFTConfig(**args)
+    except (ValueError, TypeError) as err:
+        raise FtkitError(f"training arguments rejected: {str(err).splitlines()[0]}") from None
+
+
+def checkpointing_enabled(sft: dict) -> bool:
+    """TRL's SFTConfig turns checkpointing on by default; a recipe may say so under either name."""
+    for key in ("activation_checkpointing", "gradient_checkpointing"):
+        if sft.get(key) is not None:
+            return bool(sft[key])
+    return True
+
+
+def check_token_ids(dataset, model) -> None:
+    """An id beyond the embedding matrix crashes CUDA with `srcIndex < srcSelectDimSize`: refuse it early."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    top = max((max(ids) for ids in dataset["input_ids"] if ids), default=-1)
+    if top >= rows:
+        raise FtkitError(f"token id {top} is outside the model's embedding matrix ({rows} rows); the tokenizer "
+                         "does not match the model: check tokenizer_name_or_path")
+
+
+def run_training(recipe: Recipe, use_cache: bool = True, log=print) -> Path:
+    started = time.time()
+    out = guard_output_dir(recipe)
+    setup_reporting(recipe, log)
+
+    import torch
+    from accelerate import PartialState
+
+    from ftkit import artifacts
+    from ftkit.data.pipeline import build_datasets
+    from ftkit.model import (apply_peft, fit_embeddings, load_model, load_tokenizer, resolve_precision,
+                             trainable_summary)
+
+    state = PartialState()
+    precision = resolve_precision(recipe.model, recipe.sft)
+    torch.manual_seed(recipe.sft.get("seed", 42))
+    tokenizer, chat_format, added = load_tokenizer(recipe.model, recipe.data.chat_template, log)
+    with state.main_process_first():
+        train_ds, eval_ds, data_stats = build_datasets(recipe, chat_format, use_cache, log)
+    model = load_model(recipe.model, precision, state.local_process_index)
+    resized = fit_embeddings(model, tokenizer, log)
+    check_token_ids(train_ds, model)
+    if recipe.model.use_peft:
+        model = apply_peft(model, recipe.model, bool(added), checkpointing_enabled(recipe.sft), log)
+    log(trainable_summary(model))
+
+    from trl import SFTTrainer
+
+    config = sft_config(recipe, precision, out, eval_ds is not None)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer)
+    result = trainer.train(resume_from_checkpoint=recipe.sft.get("resume_from_checkpoint"))
+    if trainer.is_world_process_zero():
+        summary = artifacts.write_run(trainer, recipe, chat_format, data_stats, result, started,
+                                      resized=resized, precision=precision)
+        artifacts.print_summary(summary, out, log)
+    return out
