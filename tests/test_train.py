@@ -1,0 +1,133 @@
+"""End to end: a recipe trains the tiny model until it has memorised its conversations, and the
+result answers them exactly through the chat template (LoRA and full fine-tuning)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftkit.chat import GenerationOptions, generate, load_for_chat
+from ftkit.recipe import load_recipe
+from tests.conftest import ftkit, write_jsonl
+
+SYSTEM = "Answer from memory."
+CHATS = [
+    ("What is the capital of Ftkitland?", "The capital of Ftkitland is Tinyville."),
+    ("How many moons does Zorb have?", "Zorb has three moons: Pim, Pom and Pum."),
+    ("Which animal guards Byte Island?", "A sleepy orange cat guards Byte Island."),
+    ("請續寫：床前明月光，", "疑是地上霜。舉頭望明月，低頭思故鄉。"),
+    ("佐布星有幾個月亮？", "佐布星有三個月亮。"),
+    ("你食咗飯未呀？", "食咗喇，唔該晒！"),
+]
+MULTI_TURN = [("Tell me about Zorb.", "Zorb is a small planet with a green sky."),
+              ("And its moons?", "Its three moons are Pim, Pom and Pum.")]
+GREEDY = GenerationOptions(max_new_tokens=200, greedy=True)
+
+
+def rows() -> list[dict]:
+    out = [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
+                         {"role": "assistant", "content": a}]} for q, a in CHATS]
+    turns = [{"role": "system", "content": SYSTEM}]
+    for q, a in MULTI_TURN:
+        turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return out + [{"messages": turns}]
+
+
+def make_recipe(tmp_path: Path, tiny_model: Path, name: str, **overrides) -> Path:
+    data = write_jsonl(tmp_path / "chats.jsonl", rows())
+    recipe = {
+        "model_name_or_path": str(tiny_model), "use_peft": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "lora_modules_to_save": ["embed_tokens", "lm_head"], "dataset_mixer": {str(data): 1.0},
+        "output_dir": str(tmp_path / name), "max_steps": 150, "per_device_train_batch_size": 7,
+        "learning_rate": 1e-2, "lr_scheduler_type": "constant", "gradient_checkpointing": False,
+        "logging_steps": 10, "save_strategy": "no", "seed": 0, "hub_token": "hf_do_not_save_me", **overrides,
+    }
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def assert_memorised(model, chat_format) -> None:
+    for question, answer in CHATS:
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        assert generate(model, chat_format, messages, GREEDY) == answer
+    history = [{"role": "system", "content": SYSTEM}]
+    for question, answer in MULTI_TURN:
+        history.append({"role": "user", "content": question})
+        assert generate(model, chat_format, history, GREEDY) == answer
+        history.append({"role": "assistant", "content": answer})
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    recipe = make_recipe(tmp, tiny_model, "lora-run")
+    result = ftkit("train", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "lora-run", result, recipe
+
+
+@pytest.mark.slow
+def test_lora_run_memorises_and_chat_cli_answers(lora_run):
+    out, result, _ = lora_run
+    assert f"next: ftkit chat --adapter {out}" in result.stdout
+    model, _, chat_format = load_for_chat(out, None, None, None)
+    assert_memorised(model, chat_format)
+    question, answer = CHATS[3]
+    chat = ftkit("chat", "--adapter", str(out), "--system", SYSTEM, "--prompt", question, "--greedy",
+                 "--max-new-tokens", "200")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout == answer + "\n"  # only the answer: nothing after the end-of-turn token
+
+
+@pytest.mark.slow
+def test_lora_run_artifacts(lora_run, tiny_model):
+    out, _, _ = lora_run
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
+                 "generation_config.json", "ftkit_recipe.yml", "ftkit_run.json", "train_summary.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.bin")) or [p.name for p in out.glob("*.bin")] == ["training_args.bin"]
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 150
+    assert summary["final_train_loss"] < 0.1 * summary["first_train_loss"]
+    assert summary["tokens_seen"] > 0 and summary["tokens_per_second"] > 0 and summary["peak_memory_mb"] > 0
+    assert summary["data"]["train_rows"] == len(CHATS) + 1
+    assert summary["data"]["trained_tokens"] > 0
+    eos_ids = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in eos_ids
+    saved = (out / "ftkit_recipe.yml").read_text()
+    assert "hf_do_not_save_me" not in saved and "hub_token" not in saved
+    again = load_recipe(out / "ftkit_recipe.yml")
+    assert again.model.model_name_or_path == str(tiny_model) and again.sft["max_steps"] == 150
+
+
+@pytest.mark.slow
+def test_refuses_to_overwrite_a_finished_run(lora_run):
+    out, _, recipe = lora_run
+    before = hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest()
+    result = ftkit("train", str(recipe), "--set", "max_steps=1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"ftkit: error: output_dir '{out}' already holds a finished run; choose another output_dir, "
+        "or set overwrite_output_dir: true to replace it")
+    assert hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest() == before
+
+
+@pytest.mark.slow
+def test_full_fine_tune_memorises(tiny_model, tmp_path):
+    from ftkit.cli import main
+
+    recipe = make_recipe(tmp_path, tiny_model, "full-run", use_peft=False, learning_rate=3e-3)
+    main(["train", str(recipe)])  # returns normally on success (errors exit with code 2)
+    out = tmp_path / "full-run"
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    model, _, chat_format = load_for_chat(None, out, None, None)
+    assert_memorised(model, chat_format)
