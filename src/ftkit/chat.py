@@ -63,6 +63,9 @@ def load_for_chat(adapter: Path | None, model_dir: Path | None, base: str | None
         if not config_path.is_file():
             raise FtkitError(f"{adapter}: no adapter_config.json; for a full fine-tune use --model {adapter}")
         base_name = base or json.loads(config_path.read_text())["base_model_name_or_path"]
+        from ftkit.hub import prepare_hub_access
+
+        prepare_hub_access([base_name], log=lambda msg: print(msg, file=sys.stderr))
         model = load_base(base_name, meta, torch_dtype, trust, cuda)
         rows = meta.get("embedding_rows") or len(tokenizer)
         if model.get_input_embeddings().weight.shape[0] != rows:

@@ -56,7 +56,7 @@ def load_tokenizer(model_args: ModelArguments, template_spec: str | None, log=pr
         tokenizer = AutoTokenizer.from_pretrained(name, revision=model_args.model_revision,
                                                   trust_remote_code=model_args.trust_remote_code)
     except Exception as err:
-        raise FtkitError(f"tokenizer '{name}' could not be loaded: {str(err).splitlines()[0][:300]}") from None
+        raise FtkitError(f"tokenizer '{name}' could not be loaded: {load_failure(err)}") from None
     template = resolve_template(template_spec) or tokenizer.chat_template
     if not template:
         template = BUILTIN_TEMPLATES["alpaca"]
@@ -122,8 +122,17 @@ def load_model(model_args: ModelArguments, precision: Precision, device_index: i
     try:
         return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     except (OSError, ValueError, ImportError) as err:
-        raise FtkitError(f"model '{model_args.model_name_or_path}' could not be loaded: "
-                         f"{str(err).splitlines()[0][:300]}") from None
+        raise FtkitError(f"model '{model_args.model_name_or_path}' could not be loaded: {load_failure(err)}") from None
+
+
+def load_failure(err: Exception) -> str:
+    import os
+
+    from ftkit.hub import OFFLINE_HINT
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and ("offline" in str(err).lower() or "cache" in str(err).lower()):
+        return OFFLINE_HINT
+    return str(err).splitlines()[0][:300]
 
 
 def fit_embeddings(model, tokenizer, log=print) -> bool:

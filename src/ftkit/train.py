@@ -73,6 +73,18 @@ def checkpointing_enabled(sft: dict) -> bool:
     return True
 
 
+def data_summary(stats) -> str:
+    share = 100 * stats.trained_tokens / max(stats.tokens, 1)
+    parts = [f"data: {stats.train_rows:,} train / {stats.eval_rows:,} eval samples",
+             f"{stats.trained_tokens:,} of {stats.tokens:,} tokens carry loss ({share:.0f}%)"]
+    if stats.test_split_carved:
+        parts.append(f"eval split of {stats.test_split_carved} carved from train")
+    counts = {"truncated": stats.truncated, "dropped (too long)": stats.dropped_overlong,
+              "dropped (no loss tokens)": stats.dropped_no_loss, "skipped (bad rows)": stats.skipped_bad_rows}
+    parts += [f"{n} {what}" for what, n in counts.items() if n]
+    return "; ".join(parts)
+
+
 def check_token_ids(dataset, model) -> None:
     """An id beyond the embedding matrix crashes CUDA with `srcIndex < srcSelectDimSize`: refuse it early."""
     rows = model.get_input_embeddings().weight.shape[0]
@@ -86,6 +98,11 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print) -> Path:
     started = time.time()
     out = guard_output_dir(recipe)
     setup_reporting(recipe, log)
+    from ftkit.data.sources import sources_from_recipe
+    from ftkit.hub import prepare_hub_access
+
+    prepare_hub_access([recipe.model.model_name_or_path, recipe.model.tokenizer_name_or_path,
+                        *(s.path for s in sources_from_recipe(recipe.data))], log)
 
     import torch
     from accelerate import PartialState
@@ -107,10 +124,15 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print) -> Path:
     if recipe.model.use_peft:
         model = apply_peft(model, recipe.model, bool(added), checkpointing_enabled(recipe.sft), log)
     log(trainable_summary(model))
+    log(data_summary(data_stats))
 
     from trl import SFTTrainer
 
     config = sft_config(recipe, precision, out, eval_ds is not None)
+    per_device, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    log(f"effective batch size: {per_device} per device x {state.num_processes} process(es) x {accumulation} "
+        f"accumulation = {per_device * state.num_processes * accumulation}; precision {precision.dtype} weights"
+        + (", bf16 mixed" if precision.bf16 else ", fp16 mixed" if precision.fp16 else "") + f" on {precision.device}")
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=recipe.sft.get("resume_from_checkpoint"))

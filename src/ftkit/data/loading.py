@@ -88,10 +88,9 @@ def load_split(spec: SourceSpec, split: str):
             return None
         raise FtkitError(f"dataset '{spec.path}': {str(err).splitlines()[0]}") from None
     except Exception as err:
-        raise FtkitError(
-            f"dataset '{spec.path}' is not a local file or folder and could not be loaded from the hub "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-        ) from None
+        from ftkit.model import load_failure
+
+        raise FtkitError(f"dataset '{spec.path}' could not be loaded: {load_failure(err)}") from None
 
 
 def apply_columns(ds, spec: SourceSpec):

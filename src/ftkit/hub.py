@@ -1,0 +1,42 @@
+"""Hub access: decide once, before transformers is imported, whether the Hugging Face Hub is reachable.
+
+Why: with no network, huggingface_hub retries each file for ~25 s with a wall of warnings before
+failing. One 3-second probe instead; when it fails we switch to offline mode, so models and datasets
+already in the local cache still load and missing ones fail at once with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ftkit.recipe_checks import looks_local
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def prepare_hub_access(names: list[str | None], log=print) -> None:
+    """Go offline when some name is a hub id and the hub cannot be reached."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+    hub_names = [n for n in names if n and not looks_local(n) and not Path(n).exists()]
+    if hub_names and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import sys
+
+        if "huggingface_hub" in sys.modules:  # already imported: its constants were read at import time
+            sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+        log(f"note: the Hugging Face Hub is not reachable; using only locally cached files for {', '.join(hub_names)}")
+
+
+OFFLINE_HINT = ("it is not a local directory and not in the local Hugging Face cache, and the hub is not "
+                "reachable: download it where there is network (huggingface-cli download NAME) or use a local path")

@@ -1,0 +1,123 @@
+"""Data stage: every format becomes one conversation form; bad data names file, line or row; the mixer
+is seeded; the token cache is reused only when nothing that changes the tokens changed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ftkit.data.formats import BadRow, detect_format, to_internal
+from ftkit.data.loading import load_mixture
+from ftkit.data.sources import SourceSpec
+from ftkit.errors import FtkitError
+from tests.conftest import ftkit, write_jsonl
+
+QA = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"messages": QA}, QA),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, QA),
+    ({"instruction": "q", "input": "", "output": "a"}, QA),
+    ({"instruction": "以下是一首唐詩的第一句話", "input": "床前明月光，", "output": "疑是地上霜。"},
+     [{"role": "user", "content": "以下是一首唐詩的第一句話\n床前明月光，"}, {"role": "assistant", "content": "疑是地上霜。"}]),
+    ({"instruction": "q2", "output": "a2", "system": "s", "history": [["q", "a"]]},
+     [{"role": "system", "content": "s"}, *QA, {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]),
+    ({"prompt": "q", "completion": "a"}, QA),
+    ({"prompt": [QA[0]], "completion": [QA[1]]}, QA),
+])
+def test_formats_normalise_to_messages(row, expected):
+    assert to_internal(row, detect_format(list(row)), None)["messages"] == expected
+
+
+def test_recipe_system_prompt_added_only_where_missing():
+    assert to_internal({"messages": QA}, "messages", "sys")["messages"][0] == {"role": "system", "content": "sys"}
+    own = [{"role": "system", "content": "mine"}, *QA]
+    assert to_internal({"messages": own}, "messages", "sys")["messages"] == own
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": "q"}], "no assistant turn: nothing to learn from"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}], "turn 2: empty assistant turn"),
+    ([*QA, {"role": "system", "content": "s"}], "turn 3: a system turn may only come first"),
+    ([QA[0], QA[0], QA[1]], "turn 2: two user turns in a row"),
+    ([{"role": "robot", "content": "x"}, QA[1]], "turn 1: unknown role 'robot' (expected system, user, assistant)"),
+])
+def test_bad_conversations_say_why(messages, message):
+    with pytest.raises(BadRow, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+        to_internal({"messages": messages}, "messages", None)
+
+
+def test_unknown_columns_list_what_was_found_and_tried():
+    with pytest.raises(BadRow) as err:
+        detect_format(["question", "answer"])
+    assert "columns ['answer', 'question']" in str(err.value)
+    assert "tried messages, conversations (ShareGPT), instruction/output (Alpaca), prompt/completion, text" in str(err.value)
+
+
+def test_bad_row_error_names_source_and_row_or_is_skipped_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": QA}, {"messages": [QA[0]]}, {"messages": QA}])
+    with pytest.raises(FtkitError) as err:
+        load_mixture([SourceSpec(str(path))], None, "error", 0, None)
+    assert err.value.lines == [f"source '{path}', row 2: no assistant turn: nothing to learn from "
+                               "(set on_bad_rows: skip to skip such rows)"]
+    train, _, stats = load_mixture([SourceSpec(str(path))], None, "skip", 0, None)
+    assert len(train) == 2 and stats.skipped == 1
+
+
+def test_mixer_weights_are_fractions_or_counts_and_seeded(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"messages": [QA[0], {"role": "assistant", "content": f"a{i}"}]} for i in range(20)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(30)])
+    specs = [SourceSpec(str(a), weight=0.5), SourceSpec(str(b), weight=7)]
+    train, evaluation, stats = load_mixture(specs, None, "error", 123, None)
+    assert len(train) == 10 + 7 and evaluation == []
+    assert stats.rows_used == {f"{a}[train]": 10, f"{b}[train]": 7}
+    assert load_mixture(specs, None, "error", 123, None)[0] == train
+    assert load_mixture(specs, None, "error", 124, None)[0] != train
+
+
+def test_test_split_carved_with_seed(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20)])
+    train, evaluation, stats = load_mixture([SourceSpec(str(path), splits=["train", "test"])], None, "error", 1, 0.25)
+    assert (len(train), len(evaluation), stats.test_split_carved) == (15, 5, 5)
+    assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in evaluation}
+
+
+def recipe_for(tmp_path, tiny_model, data_path, extra: str = ""):
+    path = tmp_path / "r.yml"
+    path.write_text(f"model_name_or_path: {tiny_model}\ndataset_mixer:\n  {data_path}: 1.0\n"
+                    f"output_dir: {tmp_path / 'out'}\nmax_steps: 1\n{extra}", encoding="utf-8")
+    return path
+
+
+def test_malformed_jsonl_line_is_named_with_exit_2(tmp_path, tiny_model):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"messages": QA}) + "\n" + '{"messages": [oops]}\n', encoding="utf-8")
+    result = ftkit("train", str(recipe_for(tmp_path, tiny_model, data)))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"ftkit: error: {data}:2: not valid JSON: Expecting value (column 15)")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_token_cache_reused_and_invalidated_by_in_place_edit(tmp_path, tiny_model):
+    from ftkit.data.pipeline import build_datasets
+    from ftkit.model import load_tokenizer
+    from ftkit.recipe import load_recipe
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [QA[0], {"role": "assistant", "content": "aaaa"}]}])
+    recipe = load_recipe(recipe_for(tmp_path, tiny_model, data))
+    _, chat_format, _ = load_tokenizer(recipe.model, None, log=lambda *_: None)
+    logs: list[str] = []
+    first, _, _ = build_datasets(recipe, chat_format, log=logs.append)
+    again, _, _ = build_datasets(recipe, chat_format, log=logs.append)
+    assert logs[0].startswith("tokenised 1 conversations") and logs[1].startswith("reused cached tokens")
+    assert again["input_ids"] == first["input_ids"]
+    write_jsonl(data, [{"messages": [QA[0], {"role": "assistant", "content": "bbbb"}]}])  # same size, new content
+    edited, _, _ = build_datasets(recipe, chat_format, log=logs.append)
+    assert logs[2].startswith("tokenised 1 conversations")
+    assert edited["input_ids"] != first["input_ids"]
+    uncached, _, _ = build_datasets(recipe, chat_format, use_cache=False, log=logs.append)
+    assert logs[3].startswith("tokenised") and uncached["input_ids"] == edited["input_ids"]
