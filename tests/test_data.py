@@ -111,13 +111,13 @@ def test_token_cache_reused_and_invalidated_by_in_place_edit(tmp_path, tiny_mode
     recipe = load_recipe(recipe_for(tmp_path, tiny_model, data))
     _, chat_format, _ = load_tokenizer(recipe.model, None, log=lambda *_: None)
     logs: list[str] = []
-    first, _, _ = build_datasets(recipe, chat_format, log=logs.append)
-    again, _, _ = build_datasets(recipe, chat_format, log=logs.append)
+    first, _, _, _ = build_datasets(recipe, chat_format, log=logs.append)
+    again, _, _, _ = build_datasets(recipe, chat_format, log=logs.append)
     assert logs[0].startswith("tokenised 1 conversations") and logs[1].startswith("reused cached tokens")
     assert again["input_ids"] == first["input_ids"]
     write_jsonl(data, [{"messages": [QA[0], {"role": "assistant", "content": "bbbb"}]}])  # same size, new content
-    edited, _, _ = build_datasets(recipe, chat_format, log=logs.append)
+    edited, _, _, _ = build_datasets(recipe, chat_format, log=logs.append)
     assert logs[2].startswith("tokenised 1 conversations")
     assert edited["input_ids"] != first["input_ids"]
-    uncached, _, _ = build_datasets(recipe, chat_format, use_cache=False, log=logs.append)
+    uncached, _, _, _ = build_datasets(recipe, chat_format, use_cache=False, log=logs.append)
     assert logs[3].startswith("tokenised") and uncached["input_ids"] == edited["input_ids"]

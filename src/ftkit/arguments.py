@@ -135,7 +135,12 @@ class RunArguments:
         metadata={"help": "Allow training into an output_dir that already holds a finished run. Off: ftkit refuses."},
     )
     eval_samples: int | None = field(
-        default=None, metadata={"help": "Eval prompts generated before and after training into samples.md (0: none)."}
+        default=None,
+        metadata={"help": "Eval prompts answered greedily before and after training, written to samples.md and "
+                  "scored in train_summary.json. Default: 5 when there is an eval split, else 0."},
+    )
+    eval_samples_max_new_tokens: int = field(
+        default=256, metadata={"help": "Most tokens generated per before/after answer."}
     )
     wandb_entity: str | None = field(default=None, metadata={"help": "Weights & Biases entity (sets WANDB_ENTITY)."})
     wandb_project: str | None = field(default=None, metadata={"help": "Weights & Biases project (sets WANDB_PROJECT)."})

@@ -94,6 +94,39 @@ def check_token_ids(dataset, model) -> None:
                          "does not match the model: check tokenizer_name_or_path")
 
 
+def eval_samples_before(trainer, recipe: Recipe, chat_format, conversations: list, state, log=print) -> list:
+    """Answer a few eval prompts with the untouched model; [] when eval_samples is 0 or not possible."""
+    from ftkit import samples as eval_samples
+
+    count = recipe.run.eval_samples if recipe.run.eval_samples is not None else (5 if conversations else 0)
+    if count <= 0 or not conversations:
+        return []
+    if state.num_processes > 1:
+        log("note: eval_samples skipped: before/after generation runs only in single-process training")
+        return []
+    picked = eval_samples.pick_samples(conversations, count)
+    eval_samples.answer_all(trainer.model, chat_format, picked, "before", recipe.run.eval_samples_max_new_tokens)
+    return picked
+
+
+def eval_samples_after(trainer, recipe: Recipe, chat_format, picked: list, summary: dict, log=print) -> dict:
+    import json
+
+    from ftkit import samples as eval_samples
+
+    eval_samples.answer_all(trainer.model, chat_format, picked, "after", recipe.run.eval_samples_max_new_tokens)
+    out = Path(trainer.args.output_dir)
+    eval_samples.write_markdown(picked, out / "samples.md")
+    summary["eval_samples"] = {"count": len(picked), "before": eval_samples.scores(picked, "before"),
+                               "after": eval_samples.scores(picked, "after")}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    log(f"eval samples (greedy; full text in {out / 'samples.md'}):")
+    log(eval_samples.table(picked))
+    before, after = summary["eval_samples"]["before"], summary["eval_samples"]["after"]
+    log(f"exact match {before['exact_match']:.0%} -> {after['exact_match']:.0%}, chrF {before['chrf']:.1f} -> {after['chrf']:.1f}")
+    return summary
+
+
 def run_training(recipe: Recipe, use_cache: bool = True, log=print) -> Path:
     started = time.time()
     out = guard_output_dir(recipe)
@@ -117,7 +150,7 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print) -> Path:
     torch.manual_seed(recipe.sft.get("seed", 42))
     tokenizer, chat_format, added = load_tokenizer(recipe.model, recipe.data.chat_template, log)
     with state.main_process_first():
-        train_ds, eval_ds, data_stats = build_datasets(recipe, chat_format, use_cache, log)
+        train_ds, eval_ds, data_stats, eval_conversations = build_datasets(recipe, chat_format, use_cache, log)
     model = load_model(recipe.model, precision, state.local_process_index)
     resized = fit_embeddings(model, tokenizer, log)
     check_token_ids(train_ds, model)
@@ -135,9 +168,12 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print) -> Path:
         + (", bf16 mixed" if precision.bf16 else ", fp16 mixed" if precision.fp16 else "") + f" on {precision.device}")
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
+    samples = eval_samples_before(trainer, recipe, chat_format, eval_conversations, state, log)
     result = trainer.train(resume_from_checkpoint=recipe.sft.get("resume_from_checkpoint"))
     if trainer.is_world_process_zero():
         summary = artifacts.write_run(trainer, recipe, chat_format, data_stats, result, started,
                                       resized=resized, precision=precision)
+        if samples:
+            summary = eval_samples_after(trainer, recipe, chat_format, samples, summary, log)
         artifacts.print_summary(summary, out, log)
     return out

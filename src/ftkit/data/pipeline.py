@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ftkit import __version__
 from ftkit.data.chat_format import ChatFormat
@@ -33,6 +33,13 @@ class DataStats:
     trained_tokens: int = 0
     rows_per_source: dict[str, int] = field(default_factory=dict)
     cache: str = ""
+
+
+class Prepared(NamedTuple):
+    train: Any  # datasets.Dataset of input_ids/labels
+    eval: Any  # the same, or None
+    stats: DataStats
+    eval_conversations: list  # the eval rows' messages, for before/after samples
 
 
 def cache_root() -> Path:
@@ -129,8 +136,7 @@ def tokenize_rows(rows: list[dict], chat_format: ChatFormat, recipe, stats: Data
     return kept
 
 
-def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=print):
-    """-> (train dataset, eval dataset or None, DataStats)."""
+def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=print) -> Prepared:
     import datasets
 
     seed = mixture_option(recipe.data, "seed") or recipe.sft.get("data_seed") or recipe.sft.get("seed", 42)
@@ -140,8 +146,9 @@ def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=
         stats = DataStats(**json.loads((folder / "stats.json").read_text()))
         train = datasets.load_from_disk(str(folder / "train"))
         evaluation = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
+        conversations = json.loads((folder / "eval_conversations.json").read_text(encoding="utf-8"))
         log(f"reused cached tokens {key} ({stats.train_rows} train, {stats.eval_rows} eval rows; {folder})")
-        return train, evaluation, stats
+        return Prepared(train, evaluation, stats, conversations)
 
     specs = sources_from_recipe(recipe.data)
     train_rows, eval_rows, mix = load_mixture(specs, recipe.data.system_prompt, recipe.data.on_bad_rows, seed,
@@ -156,9 +163,10 @@ def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=
 
         raise FtkitError("no training samples left after tokenising: every sample was dropped (see max_length, overlong)")
     log(f"tokenised {len(train_rows) + len(eval_rows):,} conversations (cache {key})")
+    conversations = [row["messages"] for row in eval_rows if row["messages"]]
     if use_cache:
-        save_cache(folder, train, evaluation, stats)
-    return train, evaluation, stats
+        save_cache(folder, train, evaluation, stats, conversations)
+    return Prepared(train, evaluation, stats, conversations)
 
 
 def stats_from_mix(mix: MixStats) -> DataStats:
@@ -166,7 +174,7 @@ def stats_from_mix(mix: MixStats) -> DataStats:
                      rows_per_source=dict(mix.rows_used))
 
 
-def save_cache(folder: Path, train, evaluation, stats: DataStats) -> None:
+def save_cache(folder: Path, train, evaluation, stats: DataStats, conversations: list) -> None:
     """Write to a temporary folder and rename, so an interrupted run never leaves a half cache."""
     import shutil
 
@@ -175,6 +183,7 @@ def save_cache(folder: Path, train, evaluation, stats: DataStats) -> None:
     train.save_to_disk(str(tmp / "train"))
     if evaluation is not None:
         evaluation.save_to_disk(str(tmp / "eval"))
+    (tmp / "eval_conversations.json").write_text(json.dumps(conversations, ensure_ascii=False), encoding="utf-8")
     (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
     if folder.exists():
         shutil.rmtree(folder)
