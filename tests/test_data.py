@@ -121,3 +121,48 @@ def test_token_cache_reused_and_invalidated_by_in_place_edit(tmp_path, tiny_mode
     assert edited["input_ids"] != first["input_ids"]
     uncached, _, _, _ = build_datasets(recipe, chat_format, use_cache=False, log=logs.append)
     assert logs[3].startswith("tokenised") and uncached["input_ids"] == edited["input_ids"]
+
+
+@pytest.mark.parametrize("edit", ["system_prompt", "chat_template", "max_length", "train_on", "columns", "overlong",
+                                  "weight", "tokenizer", "ftkit_version", "nothing"])
+def test_cache_key_changes_with_everything_that_changes_tokens(tmp_path, tiny_model, monkeypatch, edit):
+    from transformers import AutoTokenizer
+
+    from ftkit.data import pipeline
+    from ftkit.data.chat_format import ChatFormat
+    from ftkit.data.templates import BUILTIN_TEMPLATES
+    from ftkit.recipe import load_recipe
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "a": "y"}])
+    raw = {"model_name_or_path": str(tiny_model),
+           "dataset_mixture": [{"id": str(data), "columns": {"q": "prompt", "a": "completion"}}]}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+
+    def key(raw_recipe, tok=tokenizer, template=BUILTIN_TEMPLATES["chatml"]):
+        return pipeline.cache_key(load_recipe(None, raw=raw_recipe), ChatFormat(tok, template), 42)
+
+    before = key(raw)
+    changed = dict(raw)
+    template = BUILTIN_TEMPLATES["chatml"]
+    tok = tokenizer
+    if edit == "system_prompt":
+        changed["system_prompt"] = "Be brief."
+    elif edit == "chat_template":
+        template = template.replace("\\n", "\\n\\n", 1)
+    elif edit == "max_length":
+        changed["max_length"] = 77
+    elif edit == "train_on":
+        changed["train_on"] = "all"
+    elif edit == "overlong":
+        changed["overlong"] = "drop"
+    elif edit == "columns":
+        changed["dataset_mixture"] = [{"id": str(data), "columns": {"q": "prompt", "a": "completion", "b": "x"}}]
+    elif edit == "weight":
+        changed["dataset_mixture"] = [{"id": str(data), "columns": {"q": "prompt", "a": "completion"}, "weight": 0.5}]
+    elif edit == "tokenizer":
+        tok = AutoTokenizer.from_pretrained(tiny_model)
+        tok.add_tokens(["<new_token>"])
+    elif edit == "ftkit_version":
+        monkeypatch.setattr(pipeline, "__version__", "9.9.9")
+    after = key(changed, tok, template)
+    assert (after == before) == (edit == "nothing")

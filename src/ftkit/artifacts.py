@@ -97,7 +97,7 @@ def write_run(trainer, recipe, chat_format, data_stats, result, started: float, 
 
 def build_summary(trainer, data_stats, result, started: float) -> dict:
     state, metrics = trainer.state, dict(result.metrics)
-    _, losses, _, eval_losses = loss_points(state.log_history)
+    steps, losses, _, eval_losses = loss_points(state.log_history)
     runtime = metrics.get("train_runtime") or (time.time() - started)
     tokens = getattr(state, "num_input_tokens_seen", 0) or 0
     return {
@@ -113,6 +113,7 @@ def build_summary(trainer, data_stats, result, started: float) -> dict:
         "train_runtime_s": round(runtime, 2),
         "wall_time_s": round(time.time() - started, 2),
         "peak_memory_mb": round(peak_memory_mb(), 1),
+        "train_losses": [[step, loss] for step, loss in zip(steps, losses)],
         "data": asdict(data_stats),
         "seed": trainer.args.seed,
     }

@@ -31,7 +31,9 @@ class DataStats:
     test_split_carved: int = 0
     tokens: int = 0
     trained_tokens: int = 0
-    rows_per_source: dict[str, int] = field(default_factory=dict)
+    rows_per_source: dict[str, int] = field(default_factory=dict)  # after weighting
+    rows_in_per_source: dict[str, int] = field(default_factory=dict)  # before weighting
+    seed: int = 0  # mixer sampling, shuffling and the carved test split
     cache: str = ""
 
 
@@ -142,18 +144,16 @@ def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=
     seed = mixture_option(recipe.data, "seed") or recipe.sft.get("data_seed") or recipe.sft.get("seed", 42)
     key = cache_key(recipe, chat_format, seed)
     folder = cache_root() / key
-    if use_cache and (folder / "stats.json").is_file():
-        stats = DataStats(**json.loads((folder / "stats.json").read_text()))
-        train = datasets.load_from_disk(str(folder / "train"))
-        evaluation = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
-        conversations = json.loads((folder / "eval_conversations.json").read_text(encoding="utf-8"))
-        log(f"reused cached tokens {key} ({stats.train_rows} train, {stats.eval_rows} eval rows; {folder})")
-        return Prepared(train, evaluation, stats, conversations)
+    cached = load_cache(folder) if use_cache else None
+    if cached is not None:
+        log(f"reused cached tokens {key} ({cached.stats.train_rows} train, {cached.stats.eval_rows} eval rows; {folder})")
+        return cached
 
     specs = sources_from_recipe(recipe.data)
     train_rows, eval_rows, mix = load_mixture(specs, recipe.data.system_prompt, recipe.data.on_bad_rows, seed,
                                               test_split_size(recipe))
     stats = stats_from_mix(mix)
+    stats.seed = seed
     train = tokenize_rows(train_rows, chat_format, recipe, stats)
     evaluation = tokenize_rows(eval_rows, chat_format, recipe, stats)
     stats.train_rows, stats.eval_rows = len(train), len(evaluation) if evaluation is not None else 0
@@ -169,9 +169,23 @@ def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=
     return Prepared(train, evaluation, stats, conversations)
 
 
+def load_cache(folder: Path) -> Prepared | None:
+    """A complete cache entry, or None (missing, or written by an older layout: then it is rebuilt)."""
+    import datasets
+
+    try:
+        stats = DataStats(**json.loads((folder / "stats.json").read_text()))
+        conversations = json.loads((folder / "eval_conversations.json").read_text(encoding="utf-8"))
+        train = datasets.load_from_disk(str(folder / "train"))
+        evaluation = datasets.load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
+    except (OSError, ValueError, TypeError):
+        return None
+    return Prepared(train, evaluation, stats, conversations)
+
+
 def stats_from_mix(mix: MixStats) -> DataStats:
     return DataStats(skipped_bad_rows=mix.skipped, test_split_carved=mix.test_split_carved,
-                     rows_per_source=dict(mix.rows_used))
+                     rows_per_source=dict(mix.rows_used), rows_in_per_source=dict(mix.rows_in))
 
 
 def save_cache(folder: Path, train, evaluation, stats: DataStats, conversations: list) -> None:

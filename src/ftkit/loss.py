@@ -1,0 +1,31 @@
+"""Loss normalised by the trained tokens of the whole optimizer step.
+
+transformers normalises by the step's token count (`num_items_in_batch`, summed over accumulation
+micro-batches and processes) only for models whose forward accepts loss kwargs; for any other model
+it averages per micro-batch, so the update depends on how a batch is split. Library gap: for those
+models ftkit passes this loss as `compute_loss_func`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+
+def model_accepts_loss_kwargs(model) -> bool:
+    """The same test transformers' Trainer makes, on the model under any PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "accepts_loss_kwargs"):
+        return bool(base.accepts_loss_kwargs)
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values())
+
+
+def token_sum_loss(outputs, labels, num_items_in_batch=None):
+    import torch.nn.functional as F
+
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+    shift_logits = logits[..., :-1, :].contiguous().float()
+    shift_labels = labels[..., 1:].contiguous().to(shift_logits.device)
+    total = F.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1),
+                            ignore_index=-100, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum()
+    return total / count
