@@ -45,6 +45,24 @@ def validate(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt) -> No
 
 
 @app.command()
+def preview(
+    recipe: Path = RecipeArg,
+    set_: Optional[list[str]] = SetOpt,
+    n: int = typer.Option(3, "-n", "--samples", help="How many samples to render token by token."),
+    json_: bool = typer.Option(False, "--json", help="Print only the statistics, as JSON, for scripts."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Re-tokenise the data instead of reusing the cache."),
+) -> None:
+    """Show what training will see (sources, lengths, masks), loading only the tokenizer and data."""
+    from ftkit.recipe import load_recipe
+
+    parsed = load_recipe(recipe, set_ or [])
+    _print_notes(parsed.notes)
+    from ftkit.preview import run_preview
+
+    run_preview(parsed, n, json_, use_cache=not no_cache)
+
+
+@app.command()
 def train(
     recipe: Path = RecipeArg,
     set_: Optional[list[str]] = SetOpt,

@@ -166,8 +166,13 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print) -> Path:
     log(f"effective batch size: {per_device} per device x {state.num_processes} process(es) x {accumulation} "
         f"accumulation = {per_device * state.num_processes * accumulation}; precision {precision.dtype} weights"
         + (", bf16 mixed" if precision.bf16 else ", fp16 mixed" if precision.fp16 else "") + f" on {precision.device}")
+    from ftkit.loss import model_accepts_loss_kwargs, token_sum_loss
+
+    loss_func = None if model_accepts_loss_kwargs(model) else token_sum_loss
+    if loss_func is not None:
+        log("note: this model's forward takes no loss kwargs; ftkit normalises the loss by the step's trained tokens")
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer)
+                         processing_class=tokenizer, compute_loss_func=loss_func)
     samples = eval_samples_before(trainer, recipe, chat_format, eval_conversations, state, log)
     result = trainer.train(resume_from_checkpoint=recipe.sft.get("resume_from_checkpoint"))
     if trainer.is_world_process_zero():
