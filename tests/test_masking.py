@@ -119,3 +119,25 @@ def test_train_on_options(tiny_model, train_on, expected):
         assert encoded.labels == encoded.input_ids
     else:
         assert [tokenizer.decode(r) for r in trained_runs(encoded.input_ids, encoded.labels)] == expected
+
+
+def test_new_token_rows_start_at_the_mean_and_ids_are_checked(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftkit.errors import FtkitError
+    from ftkit.model import fit_embeddings
+    from ftkit.train import check_token_ids
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    old = model.get_input_embeddings().weight.detach().clone()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|new_a|>", "<|new_b|>"]})
+    assert fit_embeddings(model, tokenizer, log=lambda *_: None)
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == len(tokenizer) == old.shape[0] + 2
+    assert torch.allclose(weight[-1], old.mean(dim=0)) and torch.equal(weight[: old.shape[0]], old)
+    assert model.get_output_embeddings().weight.shape[0] == len(tokenizer)
+    assert not fit_embeddings(model, tokenizer, log=lambda *_: None)  # nothing to do the second time
+    with pytest.raises(FtkitError, match=r"token id 5000 is outside the model's embedding matrix \(1026 rows\)"):
+        check_token_ids({"input_ids": [[1, 2], [5000]]}, model)

@@ -131,3 +131,34 @@ def test_full_fine_tune_memorises(tiny_model, tmp_path):
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     model, _, chat_format = load_for_chat(None, out, None, None)
     assert_memorised(model, chat_format)
+
+
+@pytest.mark.slow
+def test_every_format_trains_end_to_end_from_the_cli(tiny_model, tmp_path):
+    """One recipe mixing all five formats; each source's answers come back exactly."""
+    d = tmp_path
+    write_jsonl(d / "openai.jsonl", [{"messages": [{"role": "user", "content": "Colour of Zorb's sky?"},
+                                                  {"role": "assistant", "content": "Green at noon."}]}])
+    write_jsonl(d / "sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "Name Zorb's moons."},
+                                                         {"from": "gpt", "value": "Pim, Pom and Pum."}]}])
+    (d / "alpaca.json").write_text(json.dumps([{"instruction": "請續寫：", "input": "春眠不覺曉，",
+                                                "output": "處處聞啼鳥。"}], ensure_ascii=False), encoding="utf-8")
+    (d / "qa.csv").write_text("question,answer\nWho guards Byte Island?,A sleepy orange cat.\n", encoding="utf-8")
+    write_jsonl(d / "notes.jsonl", [{"body": "Ftkit fact: Tinyville sits on the Gradient River."}])
+    mixture = [{"id": str(d / "openai.jsonl")}, {"id": str(d / "sharegpt.jsonl")}, {"id": str(d / "alpaca.json")},
+               {"id": str(d / "qa.csv"), "columns": {"question": "prompt", "answer": "completion"}},
+               {"id": str(d / "notes.jsonl"), "columns": {"body": "text"}, "format": "text"}]
+    recipe = make_recipe(tmp_path, tiny_model, "formats", dataset_mixer=None, dataset_mixture=mixture,
+                         per_device_train_batch_size=5, max_steps=120)
+    result = ftkit("train", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, _, chat_format = load_for_chat(tmp_path / "formats", None, None, None)
+    for question, answer in [("Colour of Zorb's sky?", "Green at noon."), ("Name Zorb's moons.", "Pim, Pom and Pum."),
+                             ("請續寫：\n春眠不覺曉，", "處處聞啼鳥。"), ("Who guards Byte Island?", "A sleepy orange cat.")]:
+        assert generate(model, chat_format, [{"role": "user", "content": question}], GREEDY) == answer
+    import torch
+
+    tokenizer = chat_format.tokenizer
+    prefix = tokenizer("Ftkit fact: Tinyville sits on the", return_tensors="pt")
+    out = model.generate(**prefix, max_new_tokens=12, do_sample=False)
+    assert tokenizer.decode(out[0, prefix["input_ids"].shape[1]:]).startswith(" Gradient River.")

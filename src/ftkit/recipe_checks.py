@@ -83,9 +83,13 @@ def check_sources(recipe: Recipe) -> Problems:
         specs: list[SourceSpec] = sources_from_recipe(recipe.data)
     except ValueError as err:
         return [("dataset_mixture", str(err))]
+    from ftkit.data.formats import FORMATS
+
     for spec in specs:
         if looks_local(spec.path) and not Path(spec.path).expanduser().exists():
             problems.append((spec.key, f"data source '{spec.path}' does not exist"))
+        if spec.format is not None and spec.format not in FORMATS:
+            problems.append((spec.key, f"format '{spec.format}' of '{spec.path}' is not one of {', '.join(FORMATS)}"))
     return problems
 
 

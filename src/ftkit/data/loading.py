@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftkit.data.formats import BadRow, detect_format, to_internal
+from ftkit.data.formats import FORMATS, BadRow, detect_format, to_internal
 from ftkit.data.sources import SourceSpec
 from ftkit.errors import FtkitError
 
@@ -109,9 +109,11 @@ def apply_columns(ds, spec: SourceSpec):
 
 def normalise(ds, spec: SourceSpec, system_prompt: str | None, on_bad_rows: str, stats: MixStats):
     try:
-        fmt = detect_format(ds.column_names)
+        fmt = spec.format or detect_format(ds.column_names)
     except BadRow as err:
         raise FtkitError(f"source '{spec.path}': {err}") from None
+    if fmt not in FORMATS:
+        raise FtkitError(f"source '{spec.path}': format '{fmt}' is not one of {', '.join(FORMATS)}")
     rows, system = [], spec.system_prompt or system_prompt
     for number, row in enumerate(ds, 1):
         try:
