@@ -8,6 +8,7 @@ The same object builds inference prompts, so training and chat can never disagre
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -117,13 +118,22 @@ class ChatFormat:
         return self.encode_text(text, spans)
 
     def encode_text(self, text: str, spans: list[tuple[int, int]]) -> Encoded:
+        return self.encode_texts([(text, spans)])[0]
+
+    def encode_texts(self, items: list[tuple[str, list[tuple[int, int]]]]) -> list[Encoded]:
+        """Tokenise many rendered conversations in one batched call; label tokens that start in a span."""
         if not getattr(self.tokenizer, "is_fast", False):
-            return self._encode_pieces(text, spans)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, labels = enc["input_ids"], []
-        for tok, (begin, _) in zip(ids, enc["offset_mapping"]):
-            labels.append(tok if any(s <= begin < e for s, e in spans) else -100)
-        return Encoded(ids, labels)
+            return [self._encode_pieces(text, spans) for text, spans in items]
+        enc = self.tokenizer([text for text, _ in items], add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], items):
+            starts = [begin for begin, _ in offsets]  # non-decreasing: two binary searches per span
+            labels = [-100] * len(ids)
+            for s, e in spans:
+                first, last = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
+                labels[first:last] = ids[first:last]
+            out.append(Encoded(ids, labels))
+        return out
 
     def _encode_pieces(self, text: str, spans: list[tuple[int, int]]) -> Encoded:
         """Tokenizers without offsets: tokenise masked and trained pieces separately (prompt-side exact)."""

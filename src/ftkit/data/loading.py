@@ -115,7 +115,7 @@ def normalise(ds, spec: SourceSpec, system_prompt: str | None, on_bad_rows: str,
     if fmt not in FORMATS:
         raise FtkitError(f"source '{spec.path}': format '{fmt}' is not one of {', '.join(FORMATS)}")
     rows, system = [], spec.system_prompt or system_prompt
-    for number, row in enumerate(ds, 1):
+    for number, row in enumerate(ds.to_list(), 1):  # one bulk Arrow->Python conversion, not a lookup per row
         try:
             rows.append(to_internal(row, fmt, system))
         except BadRow as err:

@@ -87,23 +87,27 @@ def test_split_size(recipe) -> float | None:
 
 def encode_batch(batch: dict[str, list], chat_format: ChatFormat, train_on: str, max_length: int | None,
                  overlong: str) -> dict[str, list]:
-    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "keep": []}
-    eos_id = chat_format.tokenizer.eos_token_id
-    for messages, text in zip(batch["messages"], batch["text"]):
-        if messages is not None:
-            encoded = chat_format.encode(messages, train_on)
-            ids, labels = encoded.input_ids, encoded.labels
-        else:
-            ids = chat_format.tokenizer(text)["input_ids"] + ([eos_id] if eos_id is not None else [])
-            labels = list(ids)
+    tokenizer, eos_id = chat_format.tokenizer, chat_format.tokenizer.eos_token_id
+    chats = [(i, chat_format.assistant_spans(m, train_on)) for i, m in enumerate(batch["messages"]) if m is not None]
+    encoded: dict[int, tuple[list[int], list[int]]] = {
+        i: (e.input_ids, e.labels) for (i, _), e in zip(chats, chat_format.encode_texts([c for _, c in chats]))
+    }
+    for i, text in enumerate(batch["text"]):
+        if batch["messages"][i] is None:  # plain text: continued pre-training, loss on everything, ends with eos
+            ids = tokenizer(text)["input_ids"] + ([eos_id] if eos_id is not None else [])
+            encoded[i] = (ids, list(ids))
+    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "keep": [], "n_trained": []}
+    for i in range(len(batch["text"])):
+        ids, labels = encoded[i]
         too_long = max_length is not None and len(ids) > max_length
         if too_long and overlong == "truncate":
             ids, labels = ids[:max_length], labels[:max_length]
-        keep = not (too_long and overlong == "drop") and any(label != -100 for label in labels)
+        trained = sum(1 for label in labels if label != -100)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["truncated"].append(too_long)
-        out["keep"].append(keep)
+        out["keep"].append(trained > 0 and not (too_long and overlong == "drop"))
+        out["n_trained"].append(trained)
     return out
 
 
@@ -131,11 +135,10 @@ def tokenize_rows(rows: list[dict], chat_format: ChatFormat, recipe, stats: Data
     stats.truncated += sum(1 for t, k in zip(truncated, keep) if t and k)
     stats.dropped_overlong += sum(1 for t, k in zip(truncated, keep) if t and not k and recipe.data.overlong == "drop")
     stats.dropped_no_loss += sum(1 for t, k in zip(truncated, keep) if not k and not (t and recipe.data.overlong == "drop"))
-    kept = encoded.filter(lambda k: k, input_columns="keep").remove_columns(["truncated", "keep"])
-    for ids, labels in zip(kept["input_ids"], kept["labels"]):
-        stats.tokens += len(ids)
-        stats.trained_tokens += sum(1 for label in labels if label != -100)
-    return kept
+    kept = encoded.filter(lambda k: k, input_columns="keep", batched=False)
+    stats.trained_tokens += sum(kept["n_trained"])
+    stats.tokens += sum(len(ids) for ids in kept["input_ids"])
+    return kept.remove_columns(["truncated", "keep", "n_trained"])
 
 
 def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=print) -> Prepared:
