@@ -162,3 +162,21 @@ def test_every_format_trains_end_to_end_from_the_cli(tiny_model, tmp_path):
     prefix = tokenizer("Ftkit fact: Tinyville sits on the", return_tensors="pt")
     out = model.generate(**prefix, max_new_tokens=12, do_sample=False)
     assert tokenizer.decode(out[0, prefix["input_ids"].shape[1]:]).startswith(" Gradient River.")
+
+
+@pytest.mark.slow
+def test_streaming_trains_to_memorisation(tiny_model, tmp_path):
+    from ftkit.train import run_training
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model, "streamed", streaming=True, max_steps=150))
+    out = run_training(recipe, log=lambda *_: None)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 150 and summary["data"]["cache"] == "streaming"
+    model, _, chat_format = load_for_chat(out, None, None, None)
+    assert_memorised(model, chat_format)
+
+
+def test_streaming_needs_max_steps(tiny_model, tmp_path):
+    result = ftkit("validate", str(make_recipe(tmp_path, tiny_model, "s", streaming=True, max_steps=-1)))
+    assert result.returncode == 2
+    assert "'streaming': a streamed dataset has no known length: set max_steps" in result.stderr

@@ -120,6 +120,11 @@ class DataArguments:
         metadata={"help": "Samples longer than max_length are cut (truncate) or left out (drop); both are counted.",
                   "choices": ["truncate", "drop"]},
     )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read and tokenise rows lazily while training (data larger than RAM); needs max_steps. "
+                  "No token cache; eval split: the first test_split_size rows."},
+    )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes used to tokenise the data (datasets.map num_proc)."}
     )

@@ -33,6 +33,7 @@ RENAMED = {
     "chat_template_path": "chat_template",
     "dataset_num_proc": "preprocessing_num_workers",
     "use_flash_attention_2": "attn_implementation",
+    "dataset_streaming": "streaming",
 }
 # Keys that transformers 5 / TRL 1 removed and that have no effect any more; accepted with a note.
 IGNORED = {

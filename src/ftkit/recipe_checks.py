@@ -68,6 +68,8 @@ def check_data(recipe: Recipe) -> Problems:
         problems.append(("dataset_splits", "must be a list of split names"))
     if d.test_split_size is not None and d.test_split_size <= 0:
         problems.append(("test_split_size", f"must be a fraction in (0, 1) or a row count, got {d.test_split_size}"))
+    if d.streaming and recipe.sft.get("max_steps", -1) <= 0:
+        problems.append(("streaming", "a streamed dataset has no known length: set max_steps"))
     template = d.chat_template
     if template and template not in BUILTIN_TEMPLATES and "{" not in template and not Path(template).is_file():
         names = ", ".join(BUILTIN_TEMPLATES)

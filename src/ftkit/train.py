@@ -153,11 +153,12 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print) -> Path:
         train_ds, eval_ds, data_stats, eval_conversations = build_datasets(recipe, chat_format, use_cache, log)
     model = load_model(recipe.model, precision, state.local_process_index)
     resized = fit_embeddings(model, tokenizer, log)
-    check_token_ids(train_ds, model)
+    if not recipe.data.streaming:  # a stream cannot be scanned ahead; fit_embeddings still bounds every id
+        check_token_ids(train_ds, model)
+        log(data_summary(data_stats))
     if recipe.model.use_peft:
         model = apply_peft(model, recipe.model, bool(added), checkpointing_enabled(recipe.sft), log)
     log(trainable_summary(model))
-    log(data_summary(data_stats))
 
     from trl import SFTTrainer
 

@@ -142,6 +142,10 @@ def tokenize_rows(rows: list[dict], chat_format: ChatFormat, recipe, stats: Data
 
 
 def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=print) -> Prepared:
+    if recipe.data.streaming:
+        from ftkit.data.streaming import build_streaming
+
+        return build_streaming(recipe, chat_format, log)
     import datasets
 
     seed = mixture_option(recipe.data, "seed") or recipe.sft.get("data_seed") or recipe.sft.get("seed", 42)
