@@ -115,7 +115,12 @@ def test_token_cache_reused_and_invalidated_by_in_place_edit(tmp_path, tiny_mode
     again, _, _, _ = build_datasets(recipe, chat_format, log=logs.append)
     assert logs[0].startswith("tokenised 1 conversations") and logs[1].startswith("reused cached tokens")
     assert again["input_ids"] == first["input_ids"]
+    import os
+
+    stat = data.stat()
     write_jsonl(data, [{"messages": [QA[0], {"role": "assistant", "content": "bbbb"}]}])  # same size, new content
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same mtime: only the content differs
+    assert data.stat().st_size == stat.st_size and data.stat().st_mtime_ns == stat.st_mtime_ns
     edited, _, _, _ = build_datasets(recipe, chat_format, log=logs.append)
     assert logs[2].startswith("tokenised 1 conversations")
     assert edited["input_ids"] != first["input_ids"]

@@ -64,8 +64,9 @@ def load_local(files: list[Path]):
         raise FtkitError(f"{files[0].parent}: mixes file types {sorted(suffixes)}; use one type per source")
     suffix = suffixes.pop()
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-    try:
-        return datasets.load_dataset(BUILDERS[suffix], data_files=[str(p) for p in files], split="train", **kwargs)
+    try:  # datasets keys its own cache on path, size and mtime: rebuild, or an in-place edit reads stale rows
+        return datasets.load_dataset(BUILDERS[suffix], data_files=[str(p) for p in files], split="train",
+                                     download_mode="force_redownload", **kwargs)
     except Exception as err:
         for p in files:
             bad = find_bad_json(p) if BUILDERS[suffix] == "json" else None
