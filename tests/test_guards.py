@@ -18,9 +18,9 @@ from tests.test_train import CHATS, SYSTEM, make_recipe
 QUIET = lambda *_: None  # noqa: E731
 
 
-def train(recipe_path: Path, **overrides) -> Path:
+def train(recipe_path: Path, use_cache: bool = True, **overrides) -> Path:
     recipe = load_recipe(recipe_path, overrides)
-    return run_training(recipe, log=QUIET)
+    return run_training(recipe, use_cache=use_cache, log=QUIET)
 
 
 def dressed_model(tiny_model: Path, tmp_path: Path, name: str, **tokens) -> Path:
@@ -156,9 +156,12 @@ def test_without_the_fallback_accumulation_would_not_be_exact(tiny_model, tmp_pa
 
 @pytest.mark.slow
 def test_same_seed_same_run(tiny_model, tmp_path):
-    recipe = make_recipe(tmp_path, tiny_model, "first", max_steps=30)
-    first = json.loads((train(recipe) / "train_summary.json").read_text())
-    second = json.loads((train(recipe, output_dir=str(tmp_path / "second")) / "train_summary.json").read_text())
+    # batches of 2 and a 0.8 mixer weight: both the data order and the sampling show in the losses
+    recipe = make_recipe(tmp_path, tiny_model, "first", max_steps=30, per_device_train_batch_size=2,
+                         dataset_mixer={str(tmp_path / "chats.jsonl"): 0.8})
+    first = json.loads((train(recipe, use_cache=False) / "train_summary.json").read_text())
+    second = train(recipe, use_cache=False, output_dir=str(tmp_path / "second"))  # rebuilt, not cached, data
+    second = json.loads((second / "train_summary.json").read_text())
     assert first["train_losses"] == second["train_losses"] and len(first["train_losses"]) == 3
     assert first["seed"] == second["seed"] and first["data"]["seed"] == second["data"]["seed"]
 
