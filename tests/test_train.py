@@ -180,3 +180,16 @@ def test_streaming_needs_max_steps(tiny_model, tmp_path):
     result = ftkit("validate", str(make_recipe(tmp_path, tiny_model, "s", streaming=True, max_steps=-1)))
     assert result.returncode == 2
     assert "'streaming': a streamed dataset has no known length: set max_steps" in result.stderr
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_continues_the_run(tiny_model, tmp_path):
+    from ftkit.train import run_training
+
+    recipe = make_recipe(tmp_path, tiny_model, "resumable", max_steps=20, save_strategy="steps", save_steps=10)
+    out = run_training(load_recipe(recipe), log=lambda *_: None)
+    assert (out / "checkpoint-20").is_dir()
+    again = run_training(load_recipe(recipe, ["max_steps=30", "resume_from_checkpoint=true"]), log=lambda *_: None)
+    summary = json.loads((again / "train_summary.json").read_text())
+    assert summary["global_step"] == 30
+    assert [step for step, _ in summary["train_losses"]] == [10, 20, 30]  # steps 1-20 came from the checkpoint

@@ -43,6 +43,8 @@ IGNORED = {
 }
 # SFTConfig keys ftkit implements itself (masking, templates, tokenising) and does not pass to TRL.
 HANDLED_SFT_KEYS = {"assistant_only_loss", "completion_only_loss", "dataset_text_field", "eos_token", "pad_token"}
+# Values TrainingArguments types too narrowly: Trainer.train(resume_from_checkpoint=True) resumes the latest.
+EXTRA_KINDS = {"resume_from_checkpoint": ["bool"]}
 SECRET_PATTERN = re.compile(r"(token|secret|password|api_key)$")
 SECTIONS = {"model": ModelArguments, "data": DataArguments, "run": RunArguments}
 
@@ -87,7 +89,7 @@ def key_table() -> dict[str, tuple[str, list[str], list | None]]:
         for f in dataclasses.fields(cls):
             table[f.name] = (section, yaml_kinds(f.type), f.metadata.get("choices"))
     for name, spec in sft_schema().items():
-        table.setdefault(name, ("sft", spec["kinds"], spec["choices"]))
+        table.setdefault(name, ("sft", spec["kinds"] + EXTRA_KINDS.get(name, []), spec["choices"]))
     return table
 
 
