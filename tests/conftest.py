@@ -33,9 +33,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def ftkit(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+def ftkit(*args: str, cwd: Path = ROOT, env: dict | None = None, unset: tuple = ()) -> subprocess.CompletedProcess:
     """Run the real console entry point, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "ftkit", *args], cwd=cwd, capture_output=True, text=True,
-        env={**os.environ, **(env or {})}, timeout=600,
-    )
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
+    return subprocess.run([sys.executable, "-m", "ftkit", *args], cwd=cwd, capture_output=True, text=True,
+                          env=environment, timeout=600)

@@ -193,3 +193,16 @@ def test_resume_from_checkpoint_continues_the_run(tiny_model, tmp_path):
     summary = json.loads((again / "train_summary.json").read_text())
     assert summary["global_step"] == 30
     assert [step for step, _ in summary["train_losses"]] == [10, 20, 30]  # steps 1-20 came from the checkpoint
+
+
+@pytest.mark.slow
+def test_tensorboard_and_wandb_offline_without_a_key(tiny_model, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_model, "reported", max_steps=10, report_to=["tensorboard", "wandb"])
+    result = ftkit("train", str(recipe), cwd=tmp_path, env={"HOME": str(tmp_path), "WANDB_SILENT": "true"},
+                   unset=("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "reported"
+    assert f"note: no wandb API key found; wandb logs offline to {out}/wandb" in result.stdout + result.stderr
+    assert list(out.glob("runs/*/events.out.tfevents.*"))  # tensorboard
+    assert list((out / "wandb").glob("offline-run-*"))  # wandb, offline, inside output_dir
+    assert not (tmp_path / "wandb").exists()  # nothing left in the working directory

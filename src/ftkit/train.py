@@ -26,10 +26,13 @@ def guard_output_dir(recipe: Recipe) -> Path:
     return out
 
 
-def setup_reporting(recipe: Recipe, log=print) -> None:
-    """wandb without an API key would block on a login prompt: run it offline and say so."""
+def setup_reporting(recipe: Recipe, out: Path, log=print) -> None:
+    """wandb without an API key would block on a login prompt: run it offline and say so. Its files go
+    into output_dir rather than the user's working directory."""
     report = recipe.sft.get("report_to") or []
     report = [report] if isinstance(report, str) else report
+    if "wandb" in report or "all" in report:
+        os.environ.setdefault("WANDB_DIR", str(out))
     for key, env in (("wandb_entity", "WANDB_ENTITY"), ("wandb_project", "WANDB_PROJECT"),
                      ("wandb_run_group", "WANDB_RUN_GROUP")):
         if getattr(recipe.run, key):
@@ -37,7 +40,7 @@ def setup_reporting(recipe: Recipe, log=print) -> None:
     if ("wandb" in report or "all" in report) and not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
         if not (Path.home() / ".netrc").is_file():
             os.environ["WANDB_MODE"] = "offline"
-            log("note: no wandb API key found; wandb logs offline (sync later with `wandb sync`)")
+            log(f"note: no wandb API key found; wandb logs offline to {out}/wandb (upload later with `wandb sync`)")
 
 
 def sft_config(recipe: Recipe, precision, out: Path, has_eval: bool):
@@ -130,7 +133,8 @@ def eval_samples_after(trainer, recipe: Recipe, chat_format, picked: list, summa
 def run_training(recipe: Recipe, use_cache: bool = True, log=print) -> Path:
     started = time.time()
     out = guard_output_dir(recipe)
-    setup_reporting(recipe, log)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_reporting(recipe, out, log)
     from ftkit.data.sources import sources_from_recipe
     from ftkit.hub import prepare_hub_access
 
