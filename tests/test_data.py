@@ -129,7 +129,7 @@ def test_token_cache_reused_and_invalidated_by_in_place_edit(tmp_path, tiny_mode
 
 
 @pytest.mark.parametrize("edit", ["system_prompt", "chat_template", "max_length", "train_on", "columns", "overlong",
-                                  "weight", "tokenizer", "ftkit_version", "nothing"])
+                                  "weight", "revision", "tokenizer", "ftkit_version", "nothing"])
 def test_cache_key_changes_with_everything_that_changes_tokens(tmp_path, tiny_model, monkeypatch, edit):
     from transformers import AutoTokenizer
 
@@ -162,6 +162,8 @@ def test_cache_key_changes_with_everything_that_changes_tokens(tmp_path, tiny_mo
         changed["overlong"] = "drop"
     elif edit == "columns":
         changed["dataset_mixture"] = [{"id": str(data), "columns": {"q": "prompt", "a": "completion", "b": "x"}}]
+    elif edit == "revision":
+        changed["dataset_mixture"] = [{"id": str(data), "columns": {"q": "prompt", "a": "completion"}, "revision": "v2"}]
     elif edit == "weight":
         changed["dataset_mixture"] = [{"id": str(data), "columns": {"q": "prompt", "a": "completion"}, "weight": 0.5}]
     elif edit == "tokenizer":
@@ -171,3 +173,12 @@ def test_cache_key_changes_with_everything_that_changes_tokens(tmp_path, tiny_mo
         monkeypatch.setattr(pipeline, "__version__", "9.9.9")
     after = key(changed, tok, template)
     assert (after == before) == (edit == "nothing")
+
+
+def test_per_source_system_prompt_wins_over_the_recipe_one(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"messages": QA}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"messages": QA}])
+    train, _, _ = load_mixture([SourceSpec(str(a), system_prompt="from source"), SourceSpec(str(b))], "from recipe",
+                               "error", 0, None)
+    systems = sorted(row["messages"][0]["content"] for row in train)
+    assert systems == ["from recipe", "from source"]

@@ -83,7 +83,7 @@ def load_split(spec: SourceSpec, split: str):
     import datasets
 
     try:
-        return datasets.load_dataset(spec.path, spec.config, split=split)
+        return datasets.load_dataset(spec.path, spec.config, split=split, revision=spec.revision)
     except ValueError as err:
         if "split" in str(err).lower() or "Unknown split" in str(err):
             return None

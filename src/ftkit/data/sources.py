@@ -19,6 +19,7 @@ class SourceSpec:
     splits: list[str] = field(default_factory=lambda: ["train"])
     columns: list[str] | dict[str, str] | None = None  # keep these columns, or rename {theirs: ours}
     system_prompt: str | None = None
+    revision: str | None = None  # hub dataset branch, tag or commit (part of the token cache key)
     format: str | None = None  # override the detected format: messages, sharegpt, alpaca, prompt_completion, text
     key: str = "dataset_mixer"  # the recipe key it came from, for error messages
 
@@ -50,7 +51,7 @@ def mixture_entries(mixture: Any) -> list:
 
 
 def mixture_entry(entry: Any, index: int) -> SourceSpec:
-    known = {"id", "path", "config", "split", "splits", "columns", "weight", "system_prompt", "format"}
+    known = {"id", "path", "config", "revision", "split", "splits", "columns", "weight", "system_prompt", "format"}
     if not isinstance(entry, dict) or not (entry.get("id") or entry.get("path")):
         raise ValueError(f"entry {index + 1} needs an 'id' (hub id or local path)")
     unknown = set(entry) - known
@@ -65,6 +66,7 @@ def mixture_entry(entry: Any, index: int) -> SourceSpec:
         columns=entry.get("columns"),
         system_prompt=entry.get("system_prompt"),
         format=entry.get("format"),
+        revision=entry.get("revision"),
         key="dataset_mixture",
     )
 

@@ -24,7 +24,7 @@ def stream_split(spec: SourceSpec, split: str):
         kwargs = {"delimiter": "\t"} if files[0].suffix.lower() == ".tsv" else {}
         return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True,
                                      **kwargs)
-    return datasets.load_dataset(spec.path, spec.config, split=split, streaming=True)
+    return datasets.load_dataset(spec.path, spec.config, split=split, streaming=True, revision=spec.revision)
 
 
 def normalised(stream, spec: SourceSpec, system_prompt: str | None, on_bad_rows: str):
