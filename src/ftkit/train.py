@@ -133,7 +133,6 @@ def eval_samples_after(trainer, recipe: Recipe, chat_format, picked: list, summa
 def run_training(recipe: Recipe, use_cache: bool = True, log=print) -> Path:
     started = time.time()
     out = guard_output_dir(recipe)
-    out.mkdir(parents=True, exist_ok=True)
     setup_reporting(recipe, out, log)
     from ftkit.data.sources import sources_from_recipe
     from ftkit.hub import prepare_hub_access
