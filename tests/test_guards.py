@@ -103,18 +103,25 @@ def ga_rows() -> list[dict]:
     return rows
 
 
-def ga_run(tmp_path: Path, tiny_model: Path, per_device: int, name: str) -> tuple[dict, list]:
+def ga_recipe(tmp_path: Path, tiny_model: Path, per_device: int, name: str, processes: int = 1) -> dict:
+    data = write_jsonl(tmp_path / "ga.jsonl", ga_rows())
+    return {"model_name_or_path": str(tiny_model), "use_peft": True, "lora_dropout": 0.0,
+            "dataset_mixer": {str(data): 1.0}, "output_dir": str(tmp_path / name), "max_steps": 3,
+            "per_device_train_batch_size": per_device, "gradient_accumulation_steps": 8 // per_device // processes,
+            "learning_rate": 1e-3, "logging_steps": 1, "gradient_checkpointing": False, "save_strategy": "no",
+            "seed": 1}
+
+
+def ga_result(out: Path) -> tuple[dict, list]:
     from safetensors.torch import load_file
 
-    data = write_jsonl(tmp_path / "ga.jsonl", ga_rows())
-    raw = {"model_name_or_path": str(tiny_model), "use_peft": True, "lora_dropout": 0.0,
-           "dataset_mixer": {str(data): 1.0}, "output_dir": str(tmp_path / name), "max_steps": 3,
-           "per_device_train_batch_size": per_device, "gradient_accumulation_steps": 8 // per_device,
-           "learning_rate": 1e-3, "logging_steps": 1, "gradient_checkpointing": False, "save_strategy": "no",
-           "seed": 1}
-    out = run_training(load_recipe(None, raw=raw), use_cache=False, log=QUIET)
     summary = json.loads((out / "train_summary.json").read_text())
     return load_file(out / "adapter_model.safetensors"), summary["train_losses"]
+
+
+def ga_run(tmp_path: Path, tiny_model: Path, per_device: int, name: str) -> tuple[dict, list]:
+    raw = ga_recipe(tmp_path, tiny_model, per_device, name)
+    return ga_result(run_training(load_recipe(None, raw=raw), use_cache=False, log=QUIET))
 
 
 def max_relative_difference(a: dict, b: dict) -> float:
@@ -139,6 +146,24 @@ def test_gradient_accumulation_is_exact(tiny_model, tmp_path, monkeypatch, path)
         assert max_relative_difference(weights, results[n][0]) < 1e-4
         assert [step for step, _ in results[n][1]] == [step for step, _ in losses]
         assert [loss for _, loss in results[n][1]] == pytest.approx([loss for _, loss in losses], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_with_accumulation_match_one_process(tiny_model, tmp_path):
+    """2 processes x 2 per device x 2 accumulation == 1 process x 8 (gloo on CPU, via torchrun)."""
+    import subprocess
+    import sys
+
+    single = ga_run(tmp_path, tiny_model, 8, "single")
+    recipe = tmp_path / "ddp.yml"
+    recipe.write_text(yaml.safe_dump(ga_recipe(tmp_path, tiny_model, 2, "ddp", processes=2)), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ftkit",
+                             "train", str(recipe), "--no-cache"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "effective batch size: 2 per device x 2 process(es) x 2 accumulation = 8" in result.stdout
+    weights, losses = ga_result(tmp_path / "ddp")
+    assert max_relative_difference(single[0], weights) < 1e-4
+    assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in single[1]], rel=1e-4)
 
 
 @pytest.mark.slow
