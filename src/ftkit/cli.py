@@ -78,30 +78,117 @@ def train(
     run_training(parsed, use_cache=not no_cache)
 
 
+AdapterOpt = typer.Option(None, "--adapter", help="A run's output_dir or any checkpoint-N dir inside it.")
+ModelOpt = typer.Option(None, "--model", help="A full fine-tuned or merged model directory.")
+BaseOpt = typer.Option(None, "--base", help="Base model to load the adapter on (default: from the adapter).")
+DtypeOpt = typer.Option(None, "--dtype", help="auto, bfloat16, float16 or float32 (default: bf16 on GPU, float32 on "
+                        "CPU; a 4-bit-trained adapter loads in 4-bit on GPU unless --dtype is given).")
+
+
+def _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, greedy,
+                        seed):
+    from ftkit.chat import GenerationOptions
+
+    return GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                             greedy=greedy, seed=seed)
+
+
 @app.command()
 def chat(
-    adapter: Optional[Path] = typer.Option(None, help="A run's output_dir or any checkpoint-N dir inside it."),
-    model: Optional[Path] = typer.Option(None, help="A full fine-tuned or merged model directory."),
-    base: Optional[str] = typer.Option(None, help="Base model to load the adapter on (default: from the adapter)."),
+    adapter: Optional[Path] = AdapterOpt,
+    model: Optional[Path] = ModelOpt,
+    base: Optional[str] = BaseOpt,
     prompt: Optional[str] = typer.Option(None, help="Ask one question, print only the answer, exit."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
     max_new_tokens: int = typer.Option(256, help="Most tokens to generate per answer."),
-    temperature: float = typer.Option(0.7, help="Sampling temperature (ignored with --greedy)."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (ignored with --greedy; 0 means greedy)."),
     top_p: float = typer.Option(0.9, help="Nucleus sampling threshold."),
-    top_k: int = typer.Option(50, help="Sample among the k most likely tokens."),
+    top_k: int = typer.Option(50, help="Sample among the k most likely tokens (0: no limit)."),
     repetition_penalty: float = typer.Option(1.0, help="Penalty > 1 discourages repeating tokens."),
+    no_repeat_ngram_size: int = typer.Option(0, help="Never repeat an n-gram of this size (0: off)."),
     greedy: bool = typer.Option(False, help="Always pick the most likely token (reproducible)."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
-    dtype: Optional[str] = typer.Option(None, help="auto, bfloat16, float16 or float32 (CPU: float32)."),
+    dtype: Optional[str] = DtypeOpt,
+    stream: bool = typer.Option(True, help="Print tokens as they are generated."),
 ) -> None:
-    """Talk to a trained model with the exact chat template it was trained with."""
-    from ftkit.chat import GenerationOptions, run_chat
+    """Talk to a trained model with the exact chat template it was trained with.
 
-    options = GenerationOptions(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        repetition_penalty=repetition_penalty, greedy=greedy, seed=seed,
-    )
-    run_chat(adapter=adapter, model_dir=model, base=base, prompt=prompt, system=system, options=options, dtype=dtype)
+    REPL commands: /reset, /system TEXT, /set NAME=VALUE (e.g. /set temperature=0.5), /params, /exit.
+    With stdin piped, each line is one turn (commands work too); --prompt answers once."""
+    from ftkit.chat import run_chat
+
+    options = _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
+                                  greedy, seed)
+    run_chat(adapter=adapter, model_dir=model, base=base, prompt=prompt, system=system, options=options, dtype=dtype,
+             stream=stream)
+
+
+@app.command()
+def predict(
+    input_: Path = typer.Option(..., "--input", help="Rows to answer, in any format ftkit trains on."),
+    output: Path = typer.Option(..., "--output", help="JSON lines out; rerun with the same file to resume."),
+    adapter: Optional[Path] = AdapterOpt,
+    model: Optional[Path] = ModelOpt,
+    base: Optional[str] = BaseOpt,
+    system: Optional[str] = typer.Option(None, help="System prompt for rows that have none."),
+    batch_size: int = typer.Option(8, help="Rows generated together (left-padded)."),
+    max_new_tokens: int = typer.Option(256, help="Most tokens to generate per answer."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (ignored unless --sample)."),
+    top_p: float = typer.Option(0.9, help="Nucleus sampling threshold (with --sample)."),
+    top_k: int = typer.Option(50, help="Sample among the k most likely tokens (with --sample)."),
+    repetition_penalty: float = typer.Option(1.0, help="Penalty > 1 discourages repeating tokens."),
+    no_repeat_ngram_size: int = typer.Option(0, help="Never repeat an n-gram of this size (0: off)."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    dtype: Optional[str] = DtypeOpt,
+) -> None:
+    """Answer every row of a file (greedy by default); score against the rows' answers when they have them."""
+    from ftkit.predict import run_predict
+
+    options = _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
+                                  not sample, seed)
+    run_predict(adapter, model, base, input_, output, options, batch_size=batch_size, system=system, dtype=dtype)
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Option(..., "--adapter", help="A run's output_dir or any checkpoint-N dir inside it."),
+    output: Path = typer.Option(..., "--output", help="Directory for the merged model."),
+    base: Optional[str] = BaseOpt,
+    dtype: Optional[str] = typer.Option(None, help="bfloat16, float16 or float32 (default: the base's own dtype)."),
+    max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+) -> None:
+    """Merge a LoRA/DoRA adapter into its (unquantised) base: a standalone model for chat, transformers, vLLM."""
+    from ftkit.merge import run_merge
+
+    run_merge(adapter, output, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+@app.command()
+def serve(
+    adapter: Optional[Path] = AdapterOpt,
+    model: Optional[Path] = ModelOpt,
+    base: Optional[str] = BaseOpt,
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
+    queue_size: int = typer.Option(8, help="Requests that may wait for the model; more get 503."),
+    name: Optional[str] = typer.Option(None, help="Model id clients see (default: the directory name)."),
+    max_new_tokens: int = typer.Option(256, help="Default most tokens per answer (requests' max_tokens override)."),
+    temperature: float = typer.Option(0.7, help="Default sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(0.9, help="Default nucleus sampling threshold."),
+    top_k: int = typer.Option(50, help="Default top-k."),
+    repetition_penalty: float = typer.Option(1.0, help="Default repetition penalty."),
+    no_repeat_ngram_size: int = typer.Option(0, help="Default no-repeat n-gram size (0: off)."),
+    dtype: Optional[str] = DtypeOpt,
+) -> None:
+    """OpenAI-compatible HTTP server: /v1/chat/completions (stream or not), /v1/models, /health."""
+    from ftkit.serve import run_serve
+
+    options = _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
+                                  False, None)
+    run_serve(adapter, model, base, options, host=host, port=port, queue_size=queue_size, name=name, dtype=dtype)
 
 
 def quiet_libraries(debug: bool) -> None:

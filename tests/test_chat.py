@@ -1,0 +1,134 @@
+"""ftkit chat: the REPL's slash commands and history through piped stdin, tokens streamed as whole
+characters, decoding options, and how a quantised run's base is loaded."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftkit.chat import GenerationOptions, char_streamer, generate, generation_kwargs, load_for_chat, quantization_for
+from ftkit.errors import FtkitError
+from tests.conftest import ROOT
+from tests.test_train import CHATS, GREEDY, MULTI_TURN, SYSTEM, make_recipe
+
+
+def ftkit_piped(*args: str, stdin: str):
+    """The real console entry point with stdin piped, as a script would run it."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ftkit", *args], cwd=ROOT, input=stdin, capture_output=True,
+                          text=True, env=dict(os.environ), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model, tmp_path_factory):
+    from ftkit.recipe import load_recipe
+    from ftkit.train import run_training
+
+    tmp = tmp_path_factory.mktemp("chat")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FTKIT_CACHE", str(tmp / "cache"))
+        mp.setenv("WANDB_MODE", "disabled")
+        return run_training(load_recipe(make_recipe(tmp, tiny_model, "run")), log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_repl_history_and_slash_commands_through_piped_stdin(run_dir):
+    (q1, a1), (q2, a2) = MULTI_TURN
+    question, answer = CHATS[3]
+    script = "\n".join([
+        f"/system {SYSTEM}",
+        q1, q2,  # the second answer needs the first turn in the history
+        "/params", "/reset",
+        "/set max_new_tokens=3", CHATS[0][0],  # cut short: the setting took effect
+        "/set max_new_tokens=200", "/set nonsense=1", "/set top_k=many",
+        "/reset", question,
+        "/exit", CHATS[1][0],  # never answered
+    ]) + "\n"
+    result = ftkit_piped("chat", "--adapter", str(run_dir), "--greedy", "--max-new-tokens", "200", stdin=script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4, result.stdout
+    assert lines[0] == a1 and lines[1] == a2 and lines[3] == answer
+    assert lines[2] and CHATS[0][1].startswith(lines[2]) and len(lines[2]) < len(CHATS[0][1])
+    assert "max_new_tokens=200 temperature=0.7" in result.stderr and f"system: {SYSTEM}" in result.stderr
+    assert "usage: /set NAME=VALUE" in result.stderr and "top_k: 'many' is not a valid int" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_streamed_pieces_are_the_answer(run_dir):
+    model, _, chat_format = load_for_chat(run_dir, None, None, None)
+    for question, answer in (CHATS[3], CHATS[1]):
+        pieces = []
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        text = generate(model, chat_format, messages, GREEDY, streamer=char_streamer(chat_format.tokenizer, pieces.append))
+        assert text == answer and "".join(pieces) == answer and len(pieces) > 2
+    sampled = GenerationOptions(max_new_tokens=20, temperature=0.8, top_k=5, no_repeat_ngram_size=2, seed=1)
+    messages = [{"role": "user", "content": CHATS[0][0]}]
+    assert generate(model, chat_format, messages, sampled) == generate(model, chat_format, messages, sampled)
+
+
+def test_streamer_holds_back_partial_characters(tiny_model):
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = "疑是地上霜 🌙 Zorb has three moons: 佐布星"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens end mid-character
+    pieces = []
+    streamer = char_streamer(tokenizer, pieces.append)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt: skipped
+    for i in ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]:
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces) and len(pieces) > 5
+
+
+def test_set_parses_each_option():
+    options = GenerationOptions()
+    for assignment in ("temperature=0.5", "top_k=7", "no-repeat-ngram-size=3", "greedy=true", "seed=4",
+                       "max_new_tokens=12", "seed=none"):
+        options.set(assignment)
+    assert (options.temperature, options.top_k, options.no_repeat_ngram_size, options.greedy, options.seed,
+            options.max_new_tokens) == (0.5, 7, 3, True, None, 12)
+    for bad in ("temperature", "colour=red", "top_k=1.5", "greedy=maybe", "top_p=2", "max_new_tokens=0"):
+        with pytest.raises(FtkitError):
+            GenerationOptions().set(bad)
+
+
+def test_generation_kwargs_stop_at_end_of_turn(tiny_model):
+    from transformers import AutoTokenizer
+
+    from ftkit.data.chat_format import ChatFormat
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    chat_format = ChatFormat(tokenizer, tokenizer.chat_template)
+    sampled = generation_kwargs(chat_format, GenerationOptions(top_k=5, no_repeat_ngram_size=3, temperature=0.3))
+    assert sampled["eos_token_id"][0] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert sampled["do_sample"] and sampled["top_k"] == 5 and sampled["no_repeat_ngram_size"] == 3
+    assert not generation_kwargs(chat_format, GenerationOptions(temperature=0))["do_sample"]  # 0 means greedy
+
+
+def test_quantised_run_loads_in_4bit_on_gpu_only():
+    import torch
+
+    meta = {"load_in_4bit": True}
+    assert quantization_for(meta, cuda=False, dtype=None, torch_dtype=torch.float32) is None  # CPU: float32
+    assert quantization_for(meta, cuda=True, dtype="bfloat16", torch_dtype=torch.bfloat16) is None  # --dtype wins
+    quant = quantization_for(meta, cuda=True, dtype=None, torch_dtype=torch.bfloat16)
+    assert quant.load_in_4bit and quant.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_for({"load_in_8bit": True}, cuda=True, dtype="auto", torch_dtype=torch.float16).load_in_8bit
+    assert quantization_for({}, cuda=True, dtype=None, torch_dtype=torch.bfloat16) is None
+
+
+def test_missing_run_is_one_line_exit_2(tmp_path, capsys):
+    from ftkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["chat", "--adapter", str(tmp_path / "nope"), "--prompt", "hi"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == f"ftkit: error: {tmp_path / 'nope'}: no such directory"

@@ -1,0 +1,110 @@
+"""ftkit merge: the adapter folded into the base gives the same logits, loads in plain transformers, stops
+at the end-of-turn token there, answers through `ftkit chat --model`, and carries a model card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import ftkit
+from tests.test_train import CHATS, SYSTEM, make_recipe
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model, tmp_path_factory):
+    from ftkit.recipe import load_recipe
+    from ftkit.train import run_training
+
+    tmp = tmp_path_factory.mktemp("merge")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FTKIT_CACHE", str(tmp / "cache"))
+        mp.setenv("WANDB_MODE", "disabled")
+        run = run_training(load_recipe(make_recipe(tmp, tiny_model, "run")), log=lambda *_: None)
+    out = tmp / "merged"
+    result = ftkit("merge", "--adapter", str(run), "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"merged model saved to {out}/ (next: ftkit chat --model {out})" in result.stdout
+    return run, out
+
+
+def conversation(question):
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+@pytest.mark.slow
+def test_merged_logits_equal_the_adapter_model(merged):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.chat import load_for_chat
+
+    run, out = merged
+    adapter_model, _, chat_format = load_for_chat(run, None, None, None)
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no ftkit, no peft
+    text = chat_format.render(conversation(CHATS[1][0]) + [{"role": "assistant", "content": CHATS[1][1]}])
+    batch = chat_format.tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        expected, got = adapter_model(**batch).logits, plain(**batch).logits
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
+
+
+@pytest.mark.slow
+def test_plain_transformers_generates_the_trained_answer_and_stops(merged):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, out = merged
+    tokenizer, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
+    for question, answer in (CHATS[0], CHATS[3]):
+        inputs = tokenizer.apply_chat_template(conversation(question), add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+        output = model.generate(**inputs, max_new_tokens=100, do_sample=False)  # eos from generation_config.json
+        new = output[0, inputs["input_ids"].shape[1]:]
+        assert tokenizer.decode(new, skip_special_tokens=True) == answer
+        assert new[-1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+@pytest.mark.slow
+def test_ftkit_chat_model_answers_from_the_merged_dir(merged, capsys):
+    from ftkit.cli import main
+
+    _, out = merged
+    main(["chat", "--model", str(out), "--system", SYSTEM, "--prompt", CHATS[4][0], "--greedy"])
+    assert capsys.readouterr().out == CHATS[4][1] + "\n"
+
+
+@pytest.mark.slow
+def test_merged_dir_contents_and_model_card(merged, tiny_model):
+    run, out = merged
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert not list(out.glob("*.bin"))
+    for name in ("config.json", "tokenizer.json", "chat_template.jinja", "generation_config.json", "ftkit_run.json",
+                 "ftkit_recipe.yml", "train_summary.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert (out / "chat_template.jinja").read_text() == (run / "chat_template.jinja").read_text()
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == \
+        json.loads((run / "generation_config.json").read_text())["eos_token_id"]
+    meta = json.loads((out / "ftkit_run.json").read_text())
+    assert meta["peft"] is False and meta["load_in_4bit"] is False and meta["merged_from"] == str(run)
+    card = (out / "README.md").read_text()
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert card.startswith(f'---\nbase_model: "{tiny_model}"\n')
+    assert "fine-tuned with ftkit (LoRA, r=8, alpha=16)" in card
+    assert f"| final train loss | {round(summary['final_train_loss'], 4)} |" in card
+    assert "dataset_mixer:" in card and "chats.jsonl" in card and "learning_rate: 0.01" in card
+    assert "hf_do_not_save_me" not in card
+
+
+@pytest.mark.slow
+def test_merge_refuses_to_overwrite_and_full_runs(merged, tmp_path):
+    run, out = merged
+    result = ftkit("merge", "--adapter", str(run), "--output", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"ftkit: error: {out}: already exists and is not empty; choose another --output "
+                                     "or pass --overwrite")
+    from ftkit.errors import FtkitError
+    from ftkit.merge import run_merge
+
+    with pytest.raises(FtkitError, match="nothing to merge"):
+        run_merge(out, tmp_path / "again")
