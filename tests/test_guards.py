@@ -228,3 +228,17 @@ def test_eval_samples_show_before_and_after(tiny_model, tmp_path):
     assert summary["eval_samples"]["after"]["exact_match"] == 1.0
     text = (out / "samples.md").read_text()
     assert text.count("**reference**") == 2 and text.count("**before**") == 2 and text.count("**after**") == 2
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_run_and_saves_nothing(tiny_model, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_model, "exploding", learning_rate=1e30, max_steps=200, logging_steps=1,
+                         max_grad_norm=0.0)
+    result = ftkit("train", str(recipe))
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ftkit: error: training loss became ") and "no model was saved" in last
+    step = int(last.split(" at step ")[1].split(";")[0])
+    assert step < 200
+    assert not (tmp_path / "exploding" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "exploding" / "train_summary.json").exists()

@@ -62,6 +62,9 @@ def sft_config(recipe: Recipe, precision, out: Path, has_eval: bool):
     if args["activation_checkpointing"]:
         args["activation_checkpointing_kwargs"] = kwargs or {"use_reentrant": False}
     args.setdefault("report_to", "none")
+    # transformers replaces NaN/inf losses in the logs by the window's average (0 when all are bad), hiding
+    # exactly what NonFiniteLossGuard must see; ftkit stops on them instead.
+    args.setdefault("logging_nan_inf_filter", False)
     try:
         return SFTConfig(**args)
     except (ValueError, TypeError) as err:
@@ -175,10 +178,15 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print) -> Path:
     loss_func = None if model_accepts_loss_kwargs(model) else token_sum_loss
     if loss_func is not None:
         log("note: this model's forward takes no loss kwargs; ftkit normalises the loss by the step's trained tokens")
+    from ftkit.callbacks import NonFiniteLossGuard
+
+    loss_guard = NonFiniteLossGuard()
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, compute_loss_func=loss_func)
+                         processing_class=tokenizer, compute_loss_func=loss_func, callbacks=[loss_guard])
     samples = eval_samples_before(trainer, recipe, chat_format, eval_conversations, state, log)
     result = trainer.train(resume_from_checkpoint=recipe.sft.get("resume_from_checkpoint"))
+    if loss_guard.bad_step is not None:
+        raise FtkitError(loss_guard.message())
     if trainer.is_world_process_zero():
         summary = artifacts.write_run(trainer, recipe, chat_format, data_stats, result, started,
                                       resized=resized, precision=precision)
