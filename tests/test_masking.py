@@ -141,3 +141,13 @@ def test_new_token_rows_start_at_the_mean_and_ids_are_checked(tiny_model):
     assert not fit_embeddings(model, tokenizer, log=lambda *_: None)  # nothing to do the second time
     with pytest.raises(FtkitError, match=r"token id 5000 is outside the model's embedding matrix \(1026 rows\)"):
         check_token_ids({"input_ids": [[1, 2], [5000]]}, model)
+
+
+def test_a_broken_template_file_is_one_clear_error(tiny_model, tmp_path):
+    from ftkit.errors import FtkitError
+
+    template = tmp_path / "broken.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfo %}")
+    with pytest.raises(FtkitError, match=r"^the chat template cannot render a user/assistant exchange: "
+                                         r"TemplateSyntaxError: "):
+        load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)), str(template), log=lambda *_: None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
@@ -152,3 +153,24 @@ def test_validate_and_help_do_not_import_torch():
                                 capture_output=True, text=True)
         imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line]
         assert not [m for m in imported if m.split(".")[0] in ("torch", "transformers", "trl", "datasets")], args
+
+
+def test_duplicate_key_is_an_error(tmp_path, data_file):
+    path = base(tmp_path, data_file, "learning_rate: 0.1\nlearning_rate: 0.2\n")
+    assert problems(path) == [f"{path}:5: key 'learning_rate' is given twice (first on line 4); keep one"]
+
+
+def test_every_recipe_previews_with_the_tiny_tokenizer_standing_in(tiny_model):
+    """Each seed recipe's own data, formats, column mappings and template go through preview; recipes whose
+    data lives on the hub fail with one clear line (no network here)."""
+    for path in sorted((ROOT / "recipes").glob("*.yml")):
+        result = ftkit("preview", str(path), "--json", "--set", f"model_name_or_path={tiny_model}",
+                       "--set", "tokenizer_name_or_path=null", env={"HF_HUB_OFFLINE": "1"})
+        hub_data = "gemma2b" in path.name  # deita-10k and yue-alpaca-chat are hub datasets
+        if hub_data:
+            assert result.returncode == 2 and "Traceback" not in result.stderr, path.name
+            assert "could not be loaded" in result.stderr.strip().splitlines()[-1], path.name
+        else:
+            assert result.returncode == 0, f"{path.name}: {result.stderr[-1500:]}"
+            stats = json.loads(result.stdout)
+            assert stats["train_samples"] > 0 and 0 < stats["trained_fraction"] < 1, path.name

@@ -169,7 +169,13 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise FtkitError(f"{path}: the recipe is empty; it needs at least model_name_or_path and a dataset")
     if not isinstance(data, dict):
         raise FtkitError(f"{path}: a recipe is a mapping of keys to values, got {_type_name(data)}")
-    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    lines: dict[str, int] = {}
+    for key, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+        line = key.start_mark.line + 1
+        if key.value in lines:  # safe_load silently keeps the last one
+            raise FtkitError(f"{path}:{line}: key '{key.value}' is given twice (first on line {lines[key.value]}); "
+                             "keep one")
+        lines[key.value] = line
     return data, lines
 
 

@@ -29,8 +29,12 @@ class ChatFormat:
         self.tokenizer, self.template = tokenizer, template
         self.supports_system = self._renders([{"role": "system", "content": PROBE_S}, {"role": "user", "content": PROBE_Q}])
         user = [{"role": "user", "content": PROBE_Q}]
-        full = self.render(user + [{"role": "assistant", "content": PROBE_A}])
-        before = self.render(user)
+        try:
+            full = self.render(user + [{"role": "assistant", "content": PROBE_A}])
+            before = self.render(user)
+        except Exception as err:  # jinja syntax errors, undefined variables, raise_exception(...)
+            raise FtkitError(f"the chat template cannot render a user/assistant exchange: {type(err).__name__}: "
+                             f"{err}") from None
         if not full.startswith(before) or PROBE_A not in full[len(before):]:
             raise FtkitError("the chat template does not render a conversation as prompt followed by answer; "
                              "choose another chat_template (chatml, llama3, gemma, llama2, alpaca)")
@@ -64,11 +68,14 @@ class ChatFormat:
         return rest
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, fold: bool = True) -> str:
+        # A template may name bos_token/eos_token that this tokenizer lacks: render them as "".
+        specials = {name: getattr(self.tokenizer, name, None) or "" for name in ("bos_token", "eos_token")}
         return self.tokenizer.apply_chat_template(
             self.fold_system(messages) if fold else messages,
             chat_template=self.template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            **specials,
         )
 
     def prompt(self, messages: list[dict]) -> str:
