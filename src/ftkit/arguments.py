@@ -150,3 +150,13 @@ class RunArguments:
     wandb_entity: str | None = field(default=None, metadata={"help": "Weights & Biases entity (sets WANDB_ENTITY)."})
     wandb_project: str | None = field(default=None, metadata={"help": "Weights & Biases project (sets WANDB_PROJECT)."})
     wandb_run_group: str | None = field(default=None, metadata={"help": "Weights & Biases group (sets WANDB_RUN_GROUP)."})
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop after this many evaluations without improvement of metric_for_best_model (default "
+                  "eval_loss) and restore the best checkpoint; needs eval_strategy steps or epoch and an eval split. "
+                  "Sets load_best_model_at_end: true and saves a checkpoint at every evaluation."},
+    )
+    early_stopping_threshold: float | None = field(
+        default=None,
+        metadata={"help": "Least improvement of the metric that counts as one, for early_stopping_patience. Default 0."},
+    )

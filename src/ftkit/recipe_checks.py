@@ -28,7 +28,9 @@ def looks_local(name: str) -> bool:
 
 
 def check(recipe: Recipe) -> Problems:
-    return check_model(recipe) + check_data(recipe) + check_training(recipe)
+    from ftkit import train_options  # packing vs attention, early stopping (no torch)
+
+    return check_model(recipe) + check_data(recipe) + check_training(recipe) + train_options.check(recipe)
 
 
 def check_model(recipe: Recipe) -> Problems:

@@ -1,0 +1,206 @@
+"""`ftkit estimate`: parameter counts exact against transformers' models, each memory component by hand, the
+Gemma-2B figures in the range of the HF memory calculator, every recipe in recipes/, and no torch import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftkit.estimate import GIB, architecture, estimate, setup_from_recipe
+from ftkit.recipe import load_recipe
+from tests.conftest import ROOT, ftkit
+
+GEMMA_2B = {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_size": 2048,
+            "num_hidden_layers": 18, "intermediate_size": 16384, "num_attention_heads": 8, "num_key_value_heads": 1,
+            "head_dim": 256, "vocab_size": 256000, "tie_word_embeddings": True, "hidden_act": "gelu"}
+LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+
+
+def recipe_for(tmp_path: Path, config: dict | Path, **keys):
+    if isinstance(config, dict):
+        model = tmp_path / "model"
+        model.mkdir(exist_ok=True)
+        (model / "config.json").write_text(json.dumps(config))
+    else:
+        model = config
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    raw = {"model_name_or_path": str(model), "dataset_mixer": {str(data): 1.0}, **keys}
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def hub_recipe(tmp_path: Path) -> Path:
+    path = recipe_for(tmp_path, tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["model_name_or_path"] = "google/gemma-2b"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run(tmp_path, config, **keys) -> dict:
+    recipe = load_recipe(recipe_for(tmp_path, config, **keys))
+    return estimate(json.loads((Path(recipe.model.model_name_or_path) / "config.json").read_text()),
+                    setup_from_recipe(recipe))
+
+
+def test_parameter_counts_match_the_tiny_model_and_its_lora(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.model import apply_peft
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert architecture(config).total_params == sum(p.numel() for p in model.parameters())
+    recipe = load_recipe(recipe_for(tmp_path, tiny_model, use_peft=True, lora_r=8, use_dora=True,
+                                    lora_modules_to_save=["embed_tokens", "lm_head"]))
+    result = estimate(config, setup_from_recipe(recipe))
+    peft_model = apply_peft(model, recipe.model, new_tokens=False, gradient_checkpointing=False, log=lambda *_: None)
+    assert result["trainable_parameters"] == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-bias", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt_neox",
+                                  "phi3"])
+def test_parameter_counts_match_transformers_architectures(name):
+    import torch
+    import transformers as tf
+
+    small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=300,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = {
+        "llama": lambda: tf.LlamaConfig(num_key_value_heads=2, **small),
+        "llama-bias": lambda: tf.LlamaConfig(attention_bias=True, mlp_bias=True, **small),
+        "mistral": lambda: tf.MistralConfig(num_key_value_heads=1, **small),
+        "qwen2": lambda: tf.Qwen2Config(num_key_value_heads=2, **small),
+        "qwen3": lambda: tf.Qwen3Config(num_key_value_heads=2, head_dim=32, **small),
+        "gemma": lambda: tf.GemmaConfig(num_key_value_heads=1, head_dim=32, **small),
+        "gemma2": lambda: tf.Gemma2Config(num_key_value_heads=2, head_dim=16, **small),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**small),
+        "phi3": lambda: tf.Phi3Config(num_key_value_heads=2, **small),
+    }[name]()
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config)
+    estimated = architecture(json.loads(config.to_json_string()))
+    assert estimated.total_params == sum(p.numel() for p in model.parameters())
+    assert not estimated.notes
+
+
+def test_components_by_hand(tiny_model, tmp_path):
+    """Tiny Llama: hidden 64, 2 layers, 4 heads x 16, 2 kv heads, intermediate 128, vocab 1024, untied."""
+    result = run(tmp_path, tiny_model, use_peft=True, lora_r=8, lora_dropout=0.0, per_device_train_batch_size=2,
+                 max_length=100, gradient_checkpointing=False)
+    total = 1024 * 64 * 2 + 2 * (64 * 64 + 64 * 32 * 2 + 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64
+    assert result["parameters"] == total == 205_120
+    lora = 2 * 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    assert result["trainable_parameters"] == lora
+    b = result["bytes"]
+    assert b["weights"] == total * 2  # bf16 on a GPU by default
+    assert b["trainable_copies"] == b["gradients"] == lora * 4  # peft keeps LoRA in float32
+    assert b["optimizer_states"] == 2 * lora * 4  # AdamW: two float32 states
+    per_layer = (2 * 3 * 64 + (3 * 64 + 3 * 32) + 4 * 128) * 2  # norms, attention, gated MLP; bf16
+    head = 3 * 64 * 2 + 1024 * (2 + 4 + 4)  # final norm; logits, float32 copy, log-softmax
+    assert b["activations_no_checkpointing"] == 200 * (2 * per_layer + head)
+    assert b["activations_checkpointing"] == 200 * (2 * 64 * 2 + per_layer + head)
+    assert b["total"] == b["weights"] + b["trainable_copies"] + b["gradients"] + b["optimizer_states"] + \
+        b["activations_no_checkpointing"]
+
+
+def test_gemma_2b_full_training_in_the_range_of_the_hf_calculator(tmp_path):
+    """The HF calculator (seed 000): about 37 GB in fp32 for weights + gradients + Adam, half in bf16."""
+    fp32 = run(tmp_path, GEMMA_2B, bf16=False, per_device_train_batch_size=1, max_length=512)
+    assert fp32["parameters"] == 2_506_172_416
+    static = sum(fp32["bytes"][k] for k in ("weights", "gradients", "optimizer_states")) / GIB
+    assert static == pytest.approx(37.35, abs=0.05)
+    assert 37 < fp32["bytes"]["total"] / GIB < 42
+    assert fp32["fits"] == {"24 GB (RTX 4090, A10G, L4)": False, "40 GB (A100 40GB)": False,
+                            "80 GB (A100/H100 80GB)": True}
+    bf16 = run(tmp_path, GEMMA_2B, per_device_train_batch_size=1, max_length=512)
+    assert bf16["bytes"]["weights"] == fp32["bytes"]["weights"] / 2
+    assert 0.45 < bf16["bytes"]["total"] / fp32["bytes"]["total"] < 0.55
+
+
+def test_quantisation_optimizers_and_checkpointing(tmp_path):
+    lora = run(tmp_path, LLAMA3_8B, use_peft=True, lora_r=16, per_device_train_batch_size=1, max_length=2048)
+    qlora = run(tmp_path, LLAMA3_8B, use_peft=True, lora_r=16, load_in_4bit=True, per_device_train_batch_size=1,
+                max_length=2048)
+    nested = run(tmp_path, LLAMA3_8B, use_peft=True, lora_r=16, load_in_4bit=True, use_bnb_nested_quant=True,
+                 per_device_train_batch_size=1, max_length=2048)
+    int8 = run(tmp_path, LLAMA3_8B, use_peft=True, lora_r=16, load_in_8bit=True, per_device_train_batch_size=1,
+               max_length=2048)
+    assert lora["parameters"] == 8_030_261_248  # Meta-Llama-3-8B
+    assert lora["trainable_parameters"] == qlora["trainable_parameters"] == 41_943_040  # r=16, all-linear
+    weights = [r["bytes"]["weights"] / GIB for r in (lora, int8, qlora, nested)]
+    assert weights == sorted(weights, reverse=True) and 14.9 < weights[0] < 15.0 and 7.5 < weights[2] < 8
+    assert 10 < qlora["bytes"]["total"] / GIB < 12.5 and 17 < lora["bytes"]["total"] / GIB < 21  # 1 x 2048, checkpointing
+    full = run(tmp_path, LLAMA3_8B, bf16=False, per_device_train_batch_size=1, max_length=2048)
+    assert not full["fits"]["80 GB (A100/H100 80GB)"] and qlora["fits"]["24 GB (RTX 4090, A10G, L4)"]
+    assert qlora["bytes"]["trainable_copies"] == 41_943_040 * 2  # bf16 on a 4-bit model trained in bf16
+    adam8 = run(tmp_path, LLAMA3_8B, use_peft=True, optim="paged_adamw_8bit")
+    adam32 = run(tmp_path, LLAMA3_8B, use_peft=True, optim="paged_adamw_32bit")
+    adafactor = run(tmp_path, LLAMA3_8B, use_peft=True, optim="adafactor")
+    assert adam32["bytes"]["optimizer_states"] == 4 * adam8["bytes"]["optimizer_states"]
+    assert adafactor["bytes"]["optimizer_states"] < adam8["bytes"]["optimizer_states"] / 4
+    on = run(tmp_path, LLAMA3_8B, gradient_checkpointing=True)["bytes"]
+    off = run(tmp_path, LLAMA3_8B, gradient_checkpointing=False)["bytes"]
+    assert on["activations_checkpointing"] < off["activations_no_checkpointing"] / 4
+    assert off["total"] - on["total"] == off["activations_no_checkpointing"] - on["activations_checkpointing"]
+
+
+def test_cli_table_and_no_torch(tiny_model, tmp_path):
+    path = recipe_for(tmp_path, GEMMA_2B, per_device_train_batch_size=1, max_length=512, bf16=False)
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "ftkit", "estimate", str(path)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line]
+    assert not [m for m in imported if m.split(".")[0] in ("torch", "transformers", "trl", "datasets", "peft")]
+    for row in ("weights (float32)", "trainable parameters (the weights)", "gradients", "optimizer states",
+                "activations, gradient checkpointing on", "activations, gradient checkpointing off",
+                "total, one training process", "fits on: 24 GB"):
+        assert row in result.stdout, row
+    assert "2,506,172,416" in result.stdout and "39.0" in result.stdout
+    as_json = json.loads(ftkit("estimate", str(path), "--json").stdout)
+    assert as_json["parameters"] == 2_506_172_416
+
+
+def test_hub_model_not_reachable_is_one_clear_line(tmp_path):
+    path = hub_recipe(tmp_path)
+    result = ftkit("estimate", str(path), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "ftkit: error: model 'google/gemma-2b': its config.json is not in the local Hugging Face cache and the hub "
+        "is not reachable; download it where there is network (huggingface-cli download google/gemma-2b "
+        "config.json) or point model_name_or_path at a local directory")
+
+
+def test_hub_config_from_the_local_cache(tmp_path):
+    """A hub id whose config.json is in the Hugging Face cache is estimated offline."""
+    repo = tmp_path / "hf" / "hub" / "models--google--gemma-2b"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(GEMMA_2B))
+    path = hub_recipe(tmp_path)
+    result = ftkit("estimate", str(path), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 0, result.stderr
+    assert "2,506,172,416 parameters" in result.stdout and "(hub, cached)" in result.stdout
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yml")), ids=lambda p: p.name)
+def test_every_recipe_estimates_or_says_why_not(recipe, tmp_path):
+    model = yaml.safe_load(recipe.read_text())["model_name_or_path"]
+    result = ftkit("estimate", str(recipe), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    if (ROOT / model / "config.json").is_file() or (Path(model) / "config.json").is_file():
+        assert result.returncode == 0, result.stderr
+        assert "total, one training process" in result.stdout
+    else:  # a hub model (not cached here) or a local model not built yet: one line, exit 2
+        assert result.returncode == 2
+        errors = [line for line in result.stderr.splitlines() if line.startswith("ftkit: error:")]
+        assert len(errors) == 1 and model in errors[0], result.stderr
