@@ -3,6 +3,8 @@ characters, decoding options, and how a quantised run's base is loaded."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ftkit.chat import GenerationOptions, char_streamer, generate, generation_kwargs, load_for_chat, quantization_for
@@ -132,3 +134,21 @@ def test_missing_run_is_one_line_exit_2(tmp_path, capsys):
         main(["chat", "--adapter", str(tmp_path / "nope"), "--prompt", "hi"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == f"ftkit: error: {tmp_path / 'nope'}: no such directory"
+
+
+@pytest.mark.slow
+def test_chat_uses_the_system_prompt_the_run_was_trained_with(tiny_model, tmp_path):
+    """A recipe-level system_prompt is part of every trained sample; chat adds it unless told otherwise."""
+    from tests.conftest import ftkit as run_ftkit
+    from tests.test_train import CHATS, make_recipe
+
+    recipe = make_recipe(tmp_path, tiny_model, "sys-run", system_prompt="Answer like a lighthouse keeper.")
+    rows = [json.loads(line) for line in (tmp_path / "chats.jsonl").read_text().splitlines()]
+    for row in rows:  # drop the rows' own system turns: the recipe's system_prompt is the only one
+        row["messages"] = [m for m in row["messages"] if m["role"] != "system"]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    assert run_ftkit("train", str(recipe)).returncode == 0
+    question, answer = CHATS[0]
+    result = run_ftkit("chat", "--adapter", str(tmp_path / "sys-run"), "--prompt", question, "--greedy", "--no-stream")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == answer + "\n"

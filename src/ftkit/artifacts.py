@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ftkit import __version__
+from ftkit import __version__, train_options
 
 RUN_FILE = "ftkit_run.json"
 
@@ -69,9 +69,11 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_run(trainer, recipe, chat_format, data_stats, result, started: float, resized: bool, precision) -> dict:
+def write_run(trainer, recipe, chat_format, data_stats, result, started: float, resized: bool, precision,
+              save_model: bool = True) -> dict:
     out = Path(trainer.args.output_dir)
-    trainer.save_model(str(out))
+    if save_model:  # False when every process already took part in saving sharded weights
+        trainer.save_model(str(out))
     chat_format.tokenizer.save_pretrained(str(out))
     model = trainer.model
     write_generation_config(model, out, chat_format)
@@ -87,6 +89,7 @@ def write_run(trainer, recipe, chat_format, data_stats, result, started: float, 
         "embedding_rows": model.get_input_embeddings().weight.shape[0],
         "end_of_turn": chat_format.end_of_turn,
         "trust_remote_code": recipe.model.trust_remote_code,
+        "system_prompt": recipe.data.system_prompt,  # chat/predict default to it: inference matches training
     }
     (out / RUN_FILE).write_text(json.dumps(run, indent=2), encoding="utf-8")
     summary = build_summary(trainer, data_stats, result, started)
@@ -107,6 +110,7 @@ def build_summary(trainer, data_stats, result, started: float) -> dict:
         "final_train_loss": losses[-1] if losses else None,
         "mean_train_loss": metrics.get("train_loss"),
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
+        **train_options.eval_summary(trainer),  # perplexity per evaluation, best checkpoint, early stop
         "tokens_seen": tokens,
         "trained_tokens_per_epoch": data_stats.trained_tokens,
         "tokens_per_second": round(tokens / runtime, 1) if runtime else None,
@@ -127,6 +131,10 @@ def print_summary(summary: dict, out: Path, log=print) -> None:
         f"({summary['tokens_per_second'] or 0:,.0f} tokens/s, peak memory {summary['peak_memory_mb']:,.0f} MB)")
     if loss is not None:
         log(f"train loss {first:.4f} -> {loss:.4f}"
-            + (f", eval loss {summary['final_eval_loss']:.4f}" if summary["final_eval_loss"] is not None else ""))
+            + (f", eval loss {summary['final_eval_loss']:.4f}" if summary["final_eval_loss"] is not None else "")
+            + (f" (perplexity {summary['final_eval_perplexity']:.2f})" if summary.get("final_eval_perplexity") else ""))
+    if summary.get("early_stopped_at_step"):
+        log(f"early stopping ended the run at step {summary['early_stopped_at_step']}; kept the best checkpoint "
+            f"{summary.get('best_checkpoint')} (eval loss {summary.get('best_eval_loss', float('nan')):.4f})")
     log(f"saved to {out}/ (train_summary.json, loss_curve.png, ftkit_recipe.yml)")
     log(f"next: ftkit chat --adapter {out}" if (out / "adapter_config.json").exists() else f"next: ftkit chat --model {out}")

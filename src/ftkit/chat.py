@@ -73,6 +73,13 @@ def run_file(directory: Path, name: str) -> Path | None:
     return None
 
 
+def default_system(directory: Path, system: str | None) -> str | None:
+    """--system if given ("" for none), else the system prompt the run was trained with."""
+    if system is not None:
+        return system or None
+    return run_metadata(directory).get("system_prompt")
+
+
 def tokenizer_dir(directory: Path) -> Path:
     for folder in (directory, directory.parent):
         if (folder / "tokenizer_config.json").is_file():
@@ -274,6 +281,7 @@ def run_chat(adapter, model_dir, base, prompt, system, options: GenerationOption
     quiet_loading()
     options.check()
     model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype)
+    system = default_system(adapter or model_dir, system)
     if prompt is not None:
         answer(model, chat_format, ([{"role": "system", "content": system}] if system else [])
                + [{"role": "user", "content": prompt}], options, stream)

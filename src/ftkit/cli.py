@@ -18,6 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+_ARGS: list[str] = []  # this invocation's arguments, as main() received them
 RecipeArg = typer.Argument(..., help="Path to a YAML recipe.", show_default=False)
 SetOpt = typer.Option(None, "--set", help="Override a recipe key, e.g. --set learning_rate=2e-4 (repeatable).")
 
@@ -25,6 +26,10 @@ SetOpt = typer.Option(None, "--set", help="Override a recipe key, e.g. --set lea
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
     """ftkit: recipe -> data -> model -> train -> artifacts; then chat with the result."""
+
+
+def _debug_flag() -> bool:
+    return "--debug" in _ARGS  # the root option, seen by main() before the command runs
 
 
 def _print_notes(notes: list[str]) -> None:
@@ -63,16 +68,61 @@ def preview(
 
 
 @app.command()
-def train(
+def estimate(
     recipe: Path = RecipeArg,
     set_: Optional[list[str]] = SetOpt,
-    no_cache: bool = typer.Option(False, "--no-cache", help="Re-tokenise the data instead of reusing the cache."),
+    json_: bool = typer.Option(False, "--json", help="Print the figures (bytes) as JSON, for scripts."),
 ) -> None:
-    """Train a model as the recipe says and write the adapter (or model), tokenizer and run summary."""
+    """Memory one training process needs on a GPU, from the model's config.json alone (no weights, no torch).
+
+    The config comes from the local model directory, or from the hub (or its local cache). Parameters are
+    counted tensor by tensor from the config. Weights at the training dtype (bf16 on a GPU unless the recipe
+    says otherwise); 4-bit linears 0.5 byte + a float32 scale per 64 weights, 8-bit 1 byte, the rest in float32
+    (as peft's k-bit preparation leaves it). Trainable: all weights, or LoRA A/B (+ DoRA magnitudes,
+    + lora_modules_to_save copies) in float32 (bf16 on a 4-bit model trained in bf16). Gradients: one per
+    trainable weight. Optimizer: AdamW 2 states per trainable weight at its dtype (float32 for bnb 32-bit,
+    1 byte for 8-bit optimizers), Adafactor a row and column per matrix. Activations for
+    per_device_train_batch_size x max_length tokens: what each layer keeps for backward (norms, q/k/v, RoPE,
+    attention output, MLP intermediates, LoRA dropout copies) x layers, or with gradient checkpointing each
+    layer's input + one layer, plus the logits in float32 with their log-softmax. A GPU fits when the total
+    leaves 1 GiB for the CUDA context. Not counted: fragmentation, kernel scratch space, eval batches."""
     from ftkit.recipe import load_recipe
 
     parsed = load_recipe(recipe, set_ or [])
     _print_notes(parsed.notes)
+    from ftkit.estimate import run_estimate
+
+    run_estimate(parsed, as_json=json_, echo=typer.echo)
+
+
+@app.command()
+def train(
+    recipe: Path = RecipeArg,
+    set_: Optional[list[str]] = SetOpt,
+    no_cache: bool = typer.Option(False, "--no-cache", help="Re-tokenise the data instead of reusing the cache."),
+    launcher: Optional[Path] = typer.Option(None, "--launcher", help="An accelerate config (accelerate_configs/): "
+                                            "check the recipe once, then run it under `accelerate launch`."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="With --launcher: processes in all "
+                                                "(GPUs per machine x machines); default: the config's."),
+    machine_rank: Optional[int] = typer.Option(None, "--machine-rank", help="With --launcher on several machines: "
+                                               "this machine's rank (0 on the main one); default: the config's."),
+) -> None:
+    """Train a model as the recipe says and write the adapter (or model), tokenizer and run summary."""
+    import os
+
+    from ftkit import launch
+    from ftkit.recipe import load_recipe
+
+    if launcher is None and (num_processes is not None or machine_rank is not None):
+        raise FtkitError("--num-processes and --machine-rank need --launcher CONFIG (e.g. accelerate_configs/ddp.yaml)")
+    parsed = load_recipe(recipe, set_ or [])
+    if launcher is not None:
+        _print_notes(parsed.notes)
+        code = launch.launch(parsed, recipe, launcher, set_ or [], no_cache, num_processes, machine_rank,
+                             debug=_debug_flag(), echo=lambda line: typer.echo(line, err=True))
+        sys.exit(code)  # accelerate's exit status, as is
+    if launch.is_main_process() and not os.environ.get(launch.LAUNCHED_ENV):  # the launcher printed them
+        _print_notes(parsed.notes)
     from ftkit.train import run_training
 
     run_training(parsed, use_cache=not no_cache)
@@ -100,7 +150,8 @@ def chat(
     model: Optional[Path] = ModelOpt,
     base: Optional[str] = BaseOpt,
     prompt: Optional[str] = typer.Option(None, help="Ask one question, print only the answer, exit."),
-    system: Optional[str] = typer.Option(None, help="System prompt."),
+    system: Optional[str] = typer.Option(None, help="System prompt (default: the one the run was trained with; "
+                                         "--system '' for none)."),
     max_new_tokens: int = typer.Option(256, help="Most tokens to generate per answer."),
     temperature: float = typer.Option(0.7, help="Sampling temperature (ignored with --greedy; 0 means greedy)."),
     top_p: float = typer.Option(0.9, help="Nucleus sampling threshold."),
@@ -131,7 +182,8 @@ def predict(
     adapter: Optional[Path] = AdapterOpt,
     model: Optional[Path] = ModelOpt,
     base: Optional[str] = BaseOpt,
-    system: Optional[str] = typer.Option(None, help="System prompt for rows that have none."),
+    system: Optional[str] = typer.Option(None, help="System prompt for rows that have none (default: the one the "
+                                         "run was trained with; --system '' for none)."),
     batch_size: int = typer.Option(8, help="Rows generated together (left-padded)."),
     max_new_tokens: int = typer.Option(256, help="Most tokens to generate per answer."),
     temperature: float = typer.Option(0.7, help="Sampling temperature (ignored unless --sample)."),
@@ -207,12 +259,17 @@ def main(argv: list[str] | None = None) -> None:
 
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    _ARGS[:] = args
     quiet_libraries(debug)
     try:
         app(args=args, prog_name="ftkit", standalone_mode=False)
     except FtkitError as err:
         if debug:
             raise
+        from ftkit.launch import is_main_process
+
+        if not is_main_process():  # every worker meets the same problem: rank 0 alone reports it
+            sys.exit(err.exit_code)
         for line in err.lines:
             typer.echo(f"ftkit: error: {line}", err=True)
         sys.exit(err.exit_code)

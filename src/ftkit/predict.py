@@ -107,12 +107,12 @@ def done_rows(output: Path) -> dict[int, dict]:
 def run_predict(adapter: Path | None, model_dir: Path | None, base: str | None, input_path: Path, output: Path,
                 options: GenerationOptions, batch_size: int = 8, system: str | None = None,
                 dtype: str | None = None, worst: int = 3, log=print) -> dict:
-    from ftkit.chat import generate_batch, load_for_chat, quiet_loading
+    from ftkit.chat import default_system, generate_batch, load_for_chat, quiet_loading
 
     options.check()
     if batch_size < 1:
         raise FtkitError("--batch-size must be at least 1")
-    examples = read_examples(Path(input_path), system)
+    examples = read_examples(Path(input_path), default_system(adapter or model_dir, system))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     done = done_rows(output)

@@ -65,6 +65,9 @@ def sft_config(recipe: Recipe, precision, out: Path, has_eval: bool):
     # transformers replaces NaN/inf losses in the logs by the window's average (0 when all are bad), hiding
     # exactly what NonFiniteLossGuard must see; ftkit stops on them instead.
     args.setdefault("logging_nan_inf_filter", False)
+    from ftkit import train_options
+
+    args = train_options.apply(recipe, args)  # early stopping: load_best_model_at_end, checkpoints per evaluation
     try:
         return SFTConfig(**args)
     except (ValueError, TypeError) as err:
@@ -133,9 +136,19 @@ def eval_samples_after(trainer, recipe: Recipe, chat_format, picked: list, summa
     return summary
 
 
+def _quiet(*_args, **_kwargs) -> None:
+    return None
+
+
 def run_training(recipe: Recipe, use_cache: bool = True, log=print) -> Path:
+    """recipe -> data -> model -> SFTTrainer -> artifacts in output_dir."""
     started = time.time()
     out = guard_output_dir(recipe)
+    from ftkit.launch import check_launch, is_main_process, plan_from_environment
+
+    check_launch(recipe, plan_from_environment())  # when `accelerate launch` started us without ftkit's launcher
+    if not is_main_process():  # notes, data and summary lines once, from rank 0; the others stay quiet
+        log = _quiet
     setup_reporting(recipe, out, log)
     from ftkit.data.sources import sources_from_recipe
     from ftkit.hub import prepare_hub_access
@@ -146,51 +159,77 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print) -> Path:
     import torch
     from accelerate import PartialState
 
-    from ftkit import artifacts
     from ftkit.data.pipeline import build_datasets
-    from ftkit.model import (apply_peft, fit_embeddings, load_model, load_tokenizer, resolve_precision,
-                             trainable_summary)
+    from ftkit.model import load_tokenizer, resolve_precision
 
-    state = PartialState()
     precision = resolve_precision(recipe.model, recipe.sft)
+    # cpu=True on CPU: otherwise accelerate sees a single process there and main_process_first() waits for nobody
+    state = PartialState(cpu=precision.device == "cpu")
     torch.manual_seed(recipe.sft.get("seed", 42))
     tokenizer, chat_format, added = load_tokenizer(recipe.model, recipe.data.chat_template, log)
     with state.main_process_first():
-        train_ds, eval_ds, data_stats, eval_conversations = build_datasets(recipe, chat_format, use_cache, log)
+        data = build_datasets(recipe, chat_format, use_cache, log)
+    model, resized = prepare_model(recipe, precision, state, tokenizer, bool(added), data, log)
+    trainer, loss_guard = build_trainer(recipe, model, tokenizer, precision, state, out, data, log)
+    samples = eval_samples_before(trainer, recipe, chat_format, data.eval_conversations, state, log)
+    result = trainer.train(resume_from_checkpoint=recipe.sft.get("resume_from_checkpoint"))
+    if loss_guard.bad_step is not None:
+        raise FtkitError(loss_guard.message())
+    write_outputs(trainer, recipe, chat_format, data.stats, result, started, resized, precision, samples, log)
+    return out
+
+
+def prepare_model(recipe: Recipe, precision, state, tokenizer, new_tokens: bool, data, log=print):
+    """The model loaded, its embeddings fitted to the tokenizer, every token id checked, PEFT applied."""
+    from ftkit.model import apply_peft, fit_embeddings, load_model, trainable_summary
+
     model = load_model(recipe.model, precision, state.local_process_index)
     resized = fit_embeddings(model, tokenizer, log)
     if not recipe.data.streaming:  # a stream cannot be scanned ahead; fit_embeddings still bounds every id
-        check_token_ids(train_ds, model)
-        log(data_summary(data_stats))
+        check_token_ids(data.train, model)
+        log(data_summary(data.stats))
     if recipe.model.use_peft:
-        model = apply_peft(model, recipe.model, bool(added), checkpointing_enabled(recipe.sft), log)
+        model = apply_peft(model, recipe.model, new_tokens, checkpointing_enabled(recipe.sft), log)
     log(trainable_summary(model))
+    return model, resized
 
+
+def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path, data, log=print):
+    """TRL's SFTTrainer with ftkit's loss fallback and callbacks; -> (trainer, the NaN guard)."""
     from trl import SFTTrainer
 
-    config = sft_config(recipe, precision, out, eval_ds is not None)
+    from ftkit import train_options
+    from ftkit.callbacks import NonFiniteLossGuard
+    from ftkit.loss import model_accepts_loss_kwargs, token_sum_loss
+
+    config = sft_config(recipe, precision, out, data.eval is not None)
     per_device, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
     log(f"effective batch size: {per_device} per device x {state.num_processes} process(es) x {accumulation} "
         f"accumulation = {per_device * state.num_processes * accumulation}; precision {precision.dtype} weights"
         + (", bf16 mixed" if precision.bf16 else ", fp16 mixed" if precision.fp16 else "") + f" on {precision.device}")
-    from ftkit.loss import model_accepts_loss_kwargs, token_sum_loss
-
     loss_func = None if model_accepts_loss_kwargs(model) else token_sum_loss
     if loss_func is not None:
         log("note: this model's forward takes no loss kwargs; ftkit normalises the loss by the step's trained tokens")
-    from ftkit.callbacks import NonFiniteLossGuard
-
     loss_guard = NonFiniteLossGuard()
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, compute_loss_func=loss_func, callbacks=[loss_guard])
-    samples = eval_samples_before(trainer, recipe, chat_format, eval_conversations, state, log)
-    result = trainer.train(resume_from_checkpoint=recipe.sft.get("resume_from_checkpoint"))
-    if loss_guard.bad_step is not None:
-        raise FtkitError(loss_guard.message())
-    if trainer.is_world_process_zero():
-        summary = artifacts.write_run(trainer, recipe, chat_format, data_stats, result, started,
-                                      resized=resized, precision=precision)
-        if samples:
-            summary = eval_samples_after(trainer, recipe, chat_format, samples, summary, log)
-        artifacts.print_summary(summary, out, log)
-    return out
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data.train, eval_dataset=data.eval,
+                         processing_class=tokenizer, compute_loss_func=loss_func,
+                         callbacks=[loss_guard, *train_options.callbacks(recipe)])
+    train_options.fix_quantized_trainable_dtype(trainer.model, precision, log)  # TRL casts them to bf16
+    return trainer, loss_guard
+
+
+def write_outputs(trainer, recipe: Recipe, chat_format, stats, result, started: float, resized: bool, precision,
+                  samples: list, log=print) -> None:
+    from ftkit import artifacts
+
+    out = Path(trainer.args.output_dir)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if sharded:  # gathering sharded weights is collective: every process takes part, the main one writes
+        trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return
+    summary = artifacts.write_run(trainer, recipe, chat_format, stats, result, started,
+                                  resized=resized, precision=precision, save_model=not sharded)
+    if samples:
+        summary = eval_samples_after(trainer, recipe, chat_format, samples, summary, log)
+    artifacts.print_summary(summary, out, log)
