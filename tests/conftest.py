@@ -38,3 +38,18 @@ def ftkit(*args: str, cwd: Path = ROOT, env: dict | None = None, unset: tuple = 
     environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     return subprocess.run([sys.executable, "-m", "ftkit", *args], cwd=cwd, capture_output=True, text=True,
                           env=environment, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model, tmp_path_factory) -> Path:
+    """One LoRA run of tests/test_train.py's conversations, memorised; shared read-only by the modules that
+    use a trained model (chat, predict, merge, serve)."""
+    from ftkit.recipe import load_recipe
+    from ftkit.train import run_training
+    from tests.test_train import make_recipe
+
+    tmp = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FTKIT_CACHE", str(tmp / "cache"))
+        mp.setenv("WANDB_MODE", "disabled")
+        return run_training(load_recipe(make_recipe(tmp, tiny_model, "run")), log=lambda *_: None)

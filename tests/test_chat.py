@@ -24,15 +24,8 @@ def ftkit_piped(*args: str, stdin: str):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model, tmp_path_factory):
-    from ftkit.recipe import load_recipe
-    from ftkit.train import run_training
-
-    tmp = tmp_path_factory.mktemp("chat")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FTKIT_CACHE", str(tmp / "cache"))
-        mp.setenv("WANDB_MODE", "disabled")
-        return run_training(load_recipe(make_recipe(tmp, tiny_model, "run")), log=lambda *_: None)
+def run_dir(trained_run):
+    return trained_run
 
 
 @pytest.mark.slow

@@ -12,15 +12,9 @@ from tests.test_train import CHATS, SYSTEM, make_recipe
 
 
 @pytest.fixture(scope="module")
-def merged(tiny_model, tmp_path_factory):
-    from ftkit.recipe import load_recipe
-    from ftkit.train import run_training
-
+def merged(trained_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("merge")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FTKIT_CACHE", str(tmp / "cache"))
-        mp.setenv("WANDB_MODE", "disabled")
-        run = run_training(load_recipe(make_recipe(tmp, tiny_model, "run")), log=lambda *_: None)
+    run = trained_run
     out = tmp / "merged"
     result = ftkit("merge", "--adapter", str(run), "--output", str(out))
     assert result.returncode == 0, result.stderr[-3000:]

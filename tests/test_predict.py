@@ -15,15 +15,8 @@ from tests.test_train import CHATS, MULTI_TURN, SYSTEM, make_recipe, rows
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model, tmp_path_factory):
-    from ftkit.recipe import load_recipe
-    from ftkit.train import run_training
-
-    tmp = tmp_path_factory.mktemp("predict")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FTKIT_CACHE", str(tmp / "cache"))
-        mp.setenv("WANDB_MODE", "disabled")
-        return run_training(load_recipe(make_recipe(tmp, tiny_model, "run")), log=lambda *_: None)
+def run_dir(trained_run):
+    return trained_run
 
 
 def read_lines(path):

@@ -21,16 +21,10 @@ openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
+def server(trained_run, tmp_path_factory):
     """`ftkit serve` on 127.0.0.1 and a free port (--port 0), stopped at the end."""
-    from ftkit.recipe import load_recipe
-    from ftkit.train import run_training
-
     tmp = tmp_path_factory.mktemp("serve")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FTKIT_CACHE", str(tmp / "cache"))
-        mp.setenv("WANDB_MODE", "disabled")
-        run = run_training(load_recipe(make_recipe(tmp, tiny_model, "run")), log=lambda *_: None)
+    run = trained_run
     log = (tmp / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "ftkit", "serve", "--adapter", str(run), "--port", "0",
                              "--temperature", "0", "--name", "tiny-chat"], cwd=ROOT, stdout=subprocess.PIPE,
