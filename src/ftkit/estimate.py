@@ -274,56 +274,47 @@ def targeted(arch: Architecture, targets) -> list[Linear]:
     return [lin for lin in arch.linears if any(lin.name == n or lin.name.endswith("." + n) for n in names)]
 
 
-def estimate(config: dict, setup: Setup) -> dict:
-    arch = architecture(config)
-    wbytes, tbytes, abytes = (DTYPE_BYTES[setup.weight_dtype], DTYPE_BYTES[setup.trainable_dtype],
-                              DTYPE_BYTES[setup.compute_dtype])
-    total = arch.total_params
-    other = total - arch.linear_params  # embeddings, lm_head, norms
-    notes = list(arch.notes)
-    # weights
+def weight_bytes(arch: Architecture, setup: Setup) -> tuple[float, str]:
+    other = arch.total_params - arch.linear_params  # embeddings, lm_head, norms
     if setup.quant == "4bit":
         scale = (1 + 4 / 256) / 64 if setup.nested_quant else 4 / 64
-        weights = arch.linear_params * (0.5 + scale) + other * 4
-        weights_label = "4-bit linears, float32 rest"
-    elif setup.quant == "8bit":
+        return arch.linear_params * (0.5 + scale) + other * 4, "4-bit linears, float32 rest"
+    if setup.quant == "8bit":
         rows = arch.layers * sum(lin.fan_out for lin in arch.linears)
-        weights = arch.linear_params + rows * 4 + other * 4
-        weights_label = "8-bit linears, float32 rest"
-    else:
-        weights = total * wbytes
-        weights_label = setup.weight_dtype
-    # trainable parameters and the matrices an optimizer keeps state for
-    copies = 0
-    matrices: list[tuple[int, int]] = []
-    if setup.use_peft:
-        lin = targeted(arch, setup.lora_targets)
-        if not lin:
-            notes.append(f"lora_target_modules {setup.lora_targets} match no linear layer of this architecture")
-        r = setup.lora_r
-        lora = arch.layers * sum(r * (x.fan_in + x.fan_out) + (x.fan_out if setup.use_dora else 0) for x in lin)
-        matrices = [(r, x.fan_in) for x in lin for _ in range(arch.layers)] + \
-                   [(x.fan_out, r) for x in lin for _ in range(arch.layers)]
-        saved = [n for n in setup.modules_to_save if n in arch.embed_names or n in ("embed_tokens", "lm_head")]
-        copies = len(saved) * arch.vocab * arch.hidden
-        matrices += [(arch.vocab, arch.hidden)] * len(saved)
-        trainable = lora + copies
-        copy_bytes = DTYPE_BYTES["bfloat16"] if setup.quant and setup.trainable_dtype == "bfloat16" else \
-            4 if setup.quant else wbytes
-        trainable_mem = lora * tbytes + copies * copy_bytes
-        grad_mem = trainable_bytes = trainable_mem
-        unknown = [n for n in setup.modules_to_save if n not in saved]
-        if unknown:
-            notes.append(f"lora_modules_to_save {unknown} not counted (only embedding/lm_head copies are)")
-    else:
-        trainable = total
-        trainable_mem = 0  # the weights themselves
-        grad_mem = trainable_bytes = total * wbytes
+        return arch.linear_params + rows * 4 + other * 4, "8-bit linears, float32 rest"
+    return arch.total_params * DTYPE_BYTES[setup.weight_dtype], setup.weight_dtype
+
+
+def trainable_parts(arch: Architecture, setup: Setup, notes: list[str]) -> dict:
+    """Trainable parameter count, their extra memory, gradients, and the matrices an optimizer keeps state for."""
+    wbytes, tbytes = DTYPE_BYTES[setup.weight_dtype], DTYPE_BYTES[setup.trainable_dtype]
+    if not setup.use_peft:
         matrices = [(x.fan_out, x.fan_in) for x in arch.linears for _ in range(arch.layers)]
         matrices += [(arch.vocab, arch.hidden)] * (1 if arch.tied else 2)
-    optim_mem, optim_label = optimizer_bytes(setup.optim, trainable, trainable_bytes, matrices)
-    # activations
-    tokens = setup.batch * setup.max_length
+        grads = arch.total_params * wbytes
+        return {"trainable": arch.total_params, "copies": 0, "memory": 0, "gradients": grads, "matrices": matrices}
+    lin = targeted(arch, setup.lora_targets)
+    if not lin:
+        notes.append(f"lora_target_modules {setup.lora_targets} match no linear layer of this architecture")
+    r = setup.lora_r
+    lora = arch.layers * sum(r * (x.fan_in + x.fan_out) + (x.fan_out if setup.use_dora else 0) for x in lin)
+    matrices = [(r, x.fan_in) for x in lin for _ in range(arch.layers)] + \
+               [(x.fan_out, r) for x in lin for _ in range(arch.layers)]
+    saved = [n for n in setup.modules_to_save if n in arch.embed_names or n in ("embed_tokens", "lm_head")]
+    copies = len(saved) * arch.vocab * arch.hidden
+    matrices += [(arch.vocab, arch.hidden)] * len(saved)
+    copy_bytes = DTYPE_BYTES["bfloat16"] if setup.quant and setup.trainable_dtype == "bfloat16" else \
+        4 if setup.quant else wbytes
+    memory = lora * tbytes + copies * copy_bytes
+    unknown = [n for n in setup.modules_to_save if n not in saved]
+    if unknown:
+        notes.append(f"lora_modules_to_save {unknown} not counted (only embedding/lm_head copies are)")
+    return {"trainable": lora + copies, "copies": copies, "memory": memory, "gradients": memory, "matrices": matrices}
+
+
+def activation_bytes(arch: Architecture, setup: Setup) -> tuple[float, float]:
+    """-> (with gradient checkpointing, without) for batch x max_length tokens."""
+    abytes, tokens = DTYPE_BYTES[setup.compute_dtype], setup.batch * setup.max_length
     h, i, q, kv = arch.hidden, arch.intermediate, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     norm = 3 * h if abytes < 4 else 2 * h  # input (kept in float32 by RMSNorm) and output
     attention = 3 * q + 3 * kv  # q, k, v; q, k after RoPE; attention output
@@ -333,25 +324,34 @@ def estimate(config: dict, setup: Setup) -> dict:
         dropout = sum(x.fan_in for x in targeted(arch, setup.lora_targets))
     per_layer = (2 * norm + attention + mlp + dropout) * abytes
     head = norm * abytes + arch.vocab * (abytes + 4 + 4)  # logits, float32 copy, log-softmax
-    act_full = tokens * (arch.layers * per_layer + head)
-    act_ckpt = tokens * (arch.layers * h * abytes + per_layer + head)
+    return tokens * (arch.layers * h * abytes + per_layer + head), tokens * (arch.layers * per_layer + head)
+
+
+def estimate(config: dict, setup: Setup) -> dict:
+    arch = architecture(config)
+    notes = list(arch.notes)
+    weights, weights_label = weight_bytes(arch, setup)
+    parts = trainable_parts(arch, setup, notes)
+    trainable_bytes = parts["gradients"]  # one value per trainable parameter, in its dtype
+    optim_mem, optim_label = optimizer_bytes(setup.optim, parts["trainable"], trainable_bytes, parts["matrices"])
+    act_ckpt, act_full = activation_bytes(arch, setup)
     activations = act_ckpt if setup.checkpointing else act_full
-    total_mem = weights + trainable_mem + grad_mem + optim_mem + activations
+    total_mem = weights + parts["memory"] + parts["gradients"] + optim_mem + activations
     usable = {name: gib - CUDA_CONTEXT_GIB for name, gib in GPUS}
     return {
         "model_type": arch.model_type,
-        "parameters": total,
-        "layers": arch.layers, "hidden_size": h, "vocab_size": arch.vocab, "tied_embeddings": arch.tied,
-        "trainable_parameters": trainable,
-        "lora_parameters": trainable - copies if setup.use_peft else 0,
+        "parameters": arch.total_params,
+        "layers": arch.layers, "hidden_size": arch.hidden, "vocab_size": arch.vocab, "tied_embeddings": arch.tied,
+        "trainable_parameters": parts["trainable"],
+        "lora_parameters": parts["trainable"] - parts["copies"] if setup.use_peft else 0,
         "bytes": {
-            "weights": weights, "trainable_copies": trainable_mem, "gradients": grad_mem,
+            "weights": weights, "trainable_copies": parts["memory"], "gradients": parts["gradients"],
             "optimizer_states": optim_mem, "activations_checkpointing": act_ckpt, "activations_no_checkpointing":
             act_full, "total": total_mem,
         },
         "labels": {"weights": weights_label, "optimizer": optim_label, "trainable": setup.trainable_dtype,
                    "activations": setup.compute_dtype},
-        "tokens_per_batch": tokens,
+        "tokens_per_batch": setup.batch * setup.max_length,
         "fits": {name: total_mem / GIB <= usable[name] for name, _ in GPUS},
         "notes": notes,
     }
