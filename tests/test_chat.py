@@ -10,7 +10,7 @@ import pytest
 from ftkit.chat import GenerationOptions, char_streamer, generate, generation_kwargs, load_for_chat, quantization_for
 from ftkit.errors import FtkitError
 from tests.conftest import ROOT
-from tests.test_train import CHATS, GREEDY, MULTI_TURN, SYSTEM, make_recipe
+from tests.test_train import CHATS, GREEDY, MULTI_TURN, SYSTEM
 
 
 def ftkit_piped(*args: str, stdin: str):

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.conftest import ftkit
-from tests.test_train import CHATS, SYSTEM, make_recipe
+from tests.test_train import CHATS, SYSTEM
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from ftkit.chat import GenerationOptions
 from ftkit.errors import FtkitError
 from ftkit.predict import rouge_l, run_predict, score
 from tests.conftest import ftkit, write_jsonl
-from tests.test_train import CHATS, MULTI_TURN, SYSTEM, make_recipe, rows
+from tests.test_train import CHATS, MULTI_TURN, SYSTEM, rows
 
 
 @pytest.fixture(scope="module")

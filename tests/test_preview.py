@@ -50,8 +50,6 @@ def test_overlong_drop_is_counted(tmp_path, tiny_model, capsys):
 
 
 def test_preview_renders_masks_with_end_of_turn_trained(tmp_path, tiny_model, capsys):
-    from transformers import AutoTokenizer
-
     from ftkit.preview import token_pieces
 
     source = write_jsonl(tmp_path / "d.jsonl", [{"messages": QA}])

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_train import CHATS, MULTI_TURN, SYSTEM, make_recipe
+from tests.test_train import CHATS, MULTI_TURN, SYSTEM
 
 openai = pytest.importorskip("openai")
 

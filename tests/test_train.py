@@ -156,8 +156,6 @@ def test_every_format_trains_end_to_end_from_the_cli(tiny_model, tmp_path):
     for question, answer in [("Colour of Zorb's sky?", "Green at noon."), ("Name Zorb's moons.", "Pim, Pom and Pum."),
                              ("請續寫：\n春眠不覺曉，", "處處聞啼鳥。"), ("Who guards Byte Island?", "A sleepy orange cat.")]:
         assert generate(model, chat_format, [{"role": "user", "content": question}], GREEDY) == answer
-    import torch
-
     tokenizer = chat_format.tokenizer
     prefix = tokenizer("Ftkit fact: Tinyville sits on the", return_tensors="pt")
     out = model.generate(**prefix, max_new_tokens=12, do_sample=False)

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ftkit.errors import FtkitError
+from ftkit.hub import read_model_config
 
 GIB = 2**30
 GPUS = [("24 GB (RTX 4090, A10G, L4)", 24), ("40 GB (A100 40GB)", 40), ("80 GB (A100/H100 80GB)", 80)]
@@ -145,46 +145,6 @@ def architecture(config: dict) -> Architecture:
 def _gated_mlp(hidden: int, intermediate: int, bias: bool) -> list[Linear]:
     return [Linear("gate_proj", hidden, intermediate, bias), Linear("up_proj", hidden, intermediate, bias),
             Linear("down_proj", intermediate, hidden, bias)]
-
-
-# ---------------------------------------------------------------------------------------------- reading the config
-
-def read_config(name: str, revision: str = "main") -> tuple[dict, str]:
-    """-> (config.json as a dict, where it came from). A local dir, else the hub (or its local cache)."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        file = path / "config.json"
-        if not file.is_file():
-            raise FtkitError(f"model '{name}': no config.json in that directory")
-        return _load_json(file), str(file)
-    from ftkit.recipe_checks import looks_local
-
-    if looks_local(name):
-        raise FtkitError(f"model '{name}' is not a directory (for a hub model use its id, e.g. google/gemma-2b)")
-    import os
-
-    from ftkit.hub import hub_reachable
-
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable()
-    try:
-        from huggingface_hub import hf_hub_download
-
-        file = hf_hub_download(name, "config.json", revision=revision, local_files_only=offline)
-    except Exception as err:  # offline and not cached, gated, missing repo, no network
-        if offline:
-            raise FtkitError(f"model '{name}': its config.json is not in the local Hugging Face cache and the hub is "
-                             "not reachable; download it where there is network (huggingface-cli download "
-                             f"{name} config.json) or point model_name_or_path at a local directory") from None
-        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise FtkitError(f"model '{name}': config.json could not be fetched from the hub ({first})") from None
-    return _load_json(Path(file)), f"{name} (hub{', cached' if offline else ''})"
-
-
-def _load_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise FtkitError(f"{file}: not readable JSON ({err})") from None
 
 
 # ------------------------------------------------------------------------------------------------------ estimating
@@ -399,7 +359,7 @@ def render(result: dict, setup: Setup, source: str, model: str) -> str:
 
 
 def run_estimate(recipe, as_json: bool = False, echo=print) -> dict:
-    config, source = read_config(recipe.model.model_name_or_path, recipe.model.model_revision)
+    config, source = read_model_config(recipe.model.model_name_or_path, recipe.model.model_revision)
     setup = setup_from_recipe(recipe)
     result = estimate(config, setup)
     if as_json:

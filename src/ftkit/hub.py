@@ -7,11 +7,13 @@ already in the local cache still load and missing ones fail at once with a clear
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ftkit.errors import FtkitError
 from ftkit.recipe_checks import looks_local
 
 
@@ -40,3 +42,35 @@ def prepare_hub_access(names: list[str | None], log=print) -> None:
 
 OFFLINE_HINT = ("it is not a local directory and not in the local Hugging Face cache, and the hub is not "
                 "reachable: download it where there is network (huggingface-cli download NAME) or use a local path")
+
+
+def read_model_config(name: str, revision: str = "main") -> tuple[dict, str]:
+    """-> (config.json as a dict, where it came from). A local dir, else the hub (or its local cache)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        file = path / "config.json"
+        if not file.is_file():
+            raise FtkitError(f"model '{name}': no config.json in that directory")
+        return _load_json(file), str(file)
+    if looks_local(name):
+        raise FtkitError(f"model '{name}' is not a directory (for a hub model use its id, e.g. google/gemma-2b)")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable()
+    try:
+        from huggingface_hub import hf_hub_download
+
+        file = hf_hub_download(name, "config.json", revision=revision, local_files_only=offline)
+    except Exception as err:  # offline and not cached, gated, missing repo, no network
+        if offline:
+            raise FtkitError(f"model '{name}': its config.json is not in the local Hugging Face cache and the hub is "
+                             "not reachable; download it where there is network (huggingface-cli download "
+                             f"{name} config.json) or point model_name_or_path at a local directory") from None
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise FtkitError(f"model '{name}': config.json could not be fetched from the hub ({first})") from None
+    return _load_json(Path(file)), f"{name} (hub{', cached' if offline else ''})"
+
+
+def _load_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FtkitError(f"{file}: not readable JSON ({err})") from None

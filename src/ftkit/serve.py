@@ -16,7 +16,6 @@ import threading
 import time
 import uuid
 from dataclasses import replace
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 

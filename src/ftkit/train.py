@@ -94,10 +94,12 @@ def data_summary(stats) -> str:
     return "; ".join(parts)
 
 
-def check_token_ids(dataset, model) -> None:
-    """An id beyond the embedding matrix crashes CUDA with `srcIndex < srcSelectDimSize`: refuse it early."""
+def check_token_ids(dataset, model, top: int | None = None) -> None:
+    """An id beyond the embedding matrix crashes CUDA with `srcIndex < srcSelectDimSize`: refuse it early.
+    `top` is the largest id when tokenising already recorded it; otherwise the dataset is scanned."""
     rows = model.get_input_embeddings().weight.shape[0]
-    top = max((max(ids) for ids in dataset["input_ids"] if ids), default=-1)
+    if top is None:
+        top = max((max(ids) for ids in dataset["input_ids"] if ids), default=-1)
     if top >= rows:
         raise FtkitError(f"token id {top} is outside the model's embedding matrix ({rows} rows); the tokenizer "
                          "does not match the model: check tokenizer_name_or_path")
@@ -186,7 +188,7 @@ def prepare_model(recipe: Recipe, precision, state, tokenizer, new_tokens: bool,
     model = load_model(recipe.model, precision, state.local_process_index)
     resized = fit_embeddings(model, tokenizer, log)
     if not recipe.data.streaming:  # a stream cannot be scanned ahead; fit_embeddings still bounds every id
-        check_token_ids(data.train, model)
+        check_token_ids(data.train, model, data.stats.max_token_id)
         log(data_summary(data.stats))
     if recipe.model.use_peft:
         model = apply_peft(model, recipe.model, new_tokens, checkpointing_enabled(recipe.sft), log)

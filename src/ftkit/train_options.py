@@ -79,27 +79,10 @@ def callbacks(recipe) -> list:
     """Trainer callbacks the recipe asks for."""
     if recipe.run.early_stopping_patience is None:
         return []
-    return [EarlyStopping(recipe.run.early_stopping_patience, recipe.run.early_stopping_threshold or 0.0)]
+    from ftkit.callbacks import EarlyStopping
 
-
-def _early_stopping_class():
-    from transformers import EarlyStoppingCallback
-
-    class _EarlyStopping(EarlyStoppingCallback):
-        """transformers' callback, remembering at which step it stopped so the summary can say so."""
-
-        stopped_at: int | None = None
-
-        def on_evaluate(self, args, state, control, metrics, **kwargs):
-            super().on_evaluate(args, state, control, metrics, **kwargs)
-            if control.should_training_stop and self.stopped_at is None:
-                self.stopped_at = state.global_step
-
-    return _EarlyStopping
-
-
-def EarlyStopping(patience: int, threshold: float):  # noqa: N802 - a class factory
-    return _early_stopping_class()(early_stopping_patience=patience, early_stopping_threshold=threshold)
+    return [EarlyStopping(early_stopping_patience=recipe.run.early_stopping_patience,
+                          early_stopping_threshold=recipe.run.early_stopping_threshold or 0.0)]
 
 
 def perplexity(loss: float | None) -> float | None:

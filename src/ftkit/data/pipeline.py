@@ -31,6 +31,7 @@ class DataStats:
     test_split_carved: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    max_token_id: int | None = None  # recorded once here, so a cached run need not rescan every id
     rows_per_source: dict[str, int] = field(default_factory=dict)  # after weighting
     rows_in_per_source: dict[str, int] = field(default_factory=dict)  # before weighting
     seed: int = 0  # mixer sampling, shuffling and the carved test split
@@ -137,7 +138,10 @@ def tokenize_rows(rows: list[dict], chat_format: ChatFormat, recipe, stats: Data
     stats.dropped_no_loss += sum(1 for t, k in zip(truncated, keep) if not k and not (t and recipe.data.overlong == "drop"))
     kept = encoded.filter(lambda k: k, input_columns="keep", batched=False)
     stats.trained_tokens += sum(kept["n_trained"])
-    stats.tokens += sum(len(ids) for ids in kept["input_ids"])
+    all_ids = kept["input_ids"]
+    stats.tokens += sum(len(ids) for ids in all_ids)
+    top = max((max(ids) for ids in all_ids if ids), default=-1)
+    stats.max_token_id = max(top, stats.max_token_id if stats.max_token_id is not None else -1)
     return kept.remove_columns(["truncated", "keep", "n_trained"])
 
 
@@ -146,8 +150,6 @@ def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=
         from ftkit.data.streaming import build_streaming
 
         return build_streaming(recipe, chat_format, log)
-    import datasets
-
     seed = mixture_option(recipe.data, "seed") or recipe.sft.get("data_seed") or recipe.sft.get("seed", 42)
     key = cache_key(recipe, chat_format, seed)
     folder = cache_root() / key
