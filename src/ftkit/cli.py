@@ -73,7 +73,7 @@ def estimate(
     set_: Optional[list[str]] = SetOpt,
     json_: bool = typer.Option(False, "--json", help="Print the figures (bytes) as JSON, for scripts."),
 ) -> None:
-    """Memory one training process needs on a GPU, from the model's config.json alone (no weights, no torch).
+    """Memory one training process needs on a GPU, from the model's config.json alone (no weights loaded, nothing heavy imported).
 
     The config comes from the local model directory, or from the hub (or its local cache). Parameters are
     counted tensor by tensor from the config. Weights at the training dtype (bf16 on a GPU unless the recipe
