@@ -47,8 +47,8 @@ def main() -> None:
         data = tmp / "data.jsonl"
         data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in synthetic_rows(args.rows)))
         from ftkit.data.pipeline import build_datasets
-        from ftkit.model import load_tokenizer
-        from ftkit.recipe import load_recipe
+        from ftkit.train.model import load_tokenizer
+        from ftkit.config.recipe import load_recipe
 
         recipe = load_recipe(None, raw={"model_name_or_path": str(tmp / "tiny"), "dataset_mixer": {str(data): 1.0},
                                         "preprocessing_num_workers": args.workers, "max_length": 1024})

@@ -1,4 +1,4 @@
-"""Write src/ftkit/sft_schema.json: every field of TRL's SFTConfig with its accepted YAML types,
+"""Write src/ftkit/config/sft_schema.json: every field of TRL's SFTConfig with its accepted YAML types,
 choices, default and help text.
 
 Why a snapshot: `ftkit validate` and `ftkit --help` must answer without importing torch (TRL
@@ -16,7 +16,7 @@ import types
 import typing
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "src" / "ftkit" / "sft_schema.json"
+OUT = Path(__file__).resolve().parents[1] / "src" / "ftkit" / "config" / "sft_schema.json"
 
 
 def yaml_kinds(tp) -> tuple[list[str], list[str] | None]:

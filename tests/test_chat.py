@@ -7,10 +7,14 @@ import json
 
 import pytest
 
-from ftkit.chat import GenerationOptions, char_streamer, generate, generation_kwargs, load_for_chat, quantization_for
+from ftkit.inference.generate import char_streamer, generate, generation_kwargs
+
+from ftkit.inference.loading import load_for_chat, quantization_for
+
+from ftkit.inference.options import GenerationOptions
 from ftkit.errors import FtkitError
-from tests.conftest import ROOT
-from tests.test_train import CHATS, GREEDY, MULTI_TURN, SYSTEM
+from tests.helpers import ROOT
+from tests.helpers import CHATS, GREEDY, MULTI_TURN, SYSTEM
 
 
 def ftkit_piped(*args: str, stdin: str):
@@ -132,8 +136,8 @@ def test_missing_run_is_one_line_exit_2(tmp_path, capsys):
 @pytest.mark.slow
 def test_chat_uses_the_system_prompt_the_run_was_trained_with(tiny_model, tmp_path):
     """A recipe-level system_prompt is part of every trained sample; chat adds it unless told otherwise."""
-    from tests.conftest import ftkit as run_ftkit
-    from tests.test_train import CHATS, make_recipe
+    from tests.helpers import ftkit as run_ftkit
+    from tests.helpers import CHATS, make_recipe
 
     recipe = make_recipe(tmp_path, tiny_model, "sys-run", system_prompt="Answer like a lighthouse keeper.")
     rows = [json.loads(line) for line in (tmp_path / "chats.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ from ftkit.data.formats import BadRow, detect_format, to_internal
 from ftkit.data.loading import load_mixture
 from ftkit.data.sources import SourceSpec
 from ftkit.errors import FtkitError
-from tests.conftest import ftkit, write_jsonl
+from tests.helpers import ftkit, write_jsonl
 
 QA = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
@@ -104,8 +104,8 @@ def test_malformed_jsonl_line_is_named_with_exit_2(tmp_path, tiny_model):
 
 def test_token_cache_reused_and_invalidated_by_in_place_edit(tmp_path, tiny_model):
     from ftkit.data.pipeline import build_datasets
-    from ftkit.model import load_tokenizer
-    from ftkit.recipe import load_recipe
+    from ftkit.train.model import load_tokenizer
+    from ftkit.config.recipe import load_recipe
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [QA[0], {"role": "assistant", "content": "aaaa"}]}])
     recipe = load_recipe(recipe_for(tmp_path, tiny_model, data))
@@ -136,7 +136,7 @@ def test_cache_key_changes_with_everything_that_changes_tokens(tmp_path, tiny_mo
     from ftkit.data import pipeline
     from ftkit.data.chat_format import ChatFormat
     from ftkit.data.templates import BUILTIN_TEMPLATES
-    from ftkit.recipe import load_recipe
+    from ftkit.config.recipe import load_recipe
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "a": "y"}])
     raw = {"model_name_or_path": str(tiny_model),

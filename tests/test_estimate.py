@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftkit.estimate import GIB, architecture, estimate, setup_from_recipe
-from ftkit.recipe import load_recipe
-from tests.conftest import ROOT, ftkit
+from ftkit.commands.estimate import GIB, architecture, estimate, setup_from_recipe
+from ftkit.config.recipe import load_recipe
+from tests.helpers import ROOT, ftkit
 
 GEMMA_2B = {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_size": 2048,
             "num_hidden_layers": 18, "intermediate_size": 16384, "num_attention_heads": 8, "num_key_value_heads": 1,
@@ -54,7 +54,7 @@ def run(tmp_path, config, **keys) -> dict:
 def test_parameter_counts_match_the_tiny_model_and_its_lora(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from ftkit.model import apply_peft
+    from ftkit.train.model import apply_peft
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     config = json.loads((tiny_model / "config.json").read_text())

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftkit.recipe import load_recipe
-from ftkit.train import run_training
-from tests.conftest import ftkit, write_jsonl
-from tests.test_train import CHATS, SYSTEM, make_recipe
+from ftkit.config.recipe import load_recipe
+from ftkit.train.run import run_training
+from tests.helpers import ftkit, write_jsonl
+from tests.helpers import CHATS, SYSTEM, make_recipe
 
 QUIET = lambda *_: None  # noqa: E731
 
@@ -171,10 +171,10 @@ def test_without_the_fallback_accumulation_would_not_be_exact(tiny_model, tmp_pa
     """Shows the guard above can fail: the same model with ftkit's fallback switched off diverges."""
     import transformers
 
-    import ftkit.loss
+    import ftkit.train.loss
 
     monkeypatch.setattr(transformers.LlamaForCausalLM, "accepts_loss_kwargs", False, raising=False)
-    monkeypatch.setattr(ftkit.loss, "model_accepts_loss_kwargs", lambda model: True)
+    monkeypatch.setattr(ftkit.train.loss, "model_accepts_loss_kwargs", lambda model: True)
     results = split_results(tmp_path, tiny_model)
     assert max_relative_difference(results[8][0], results[1][0]) > 1e-3
 
@@ -193,7 +193,9 @@ def test_same_seed_same_run(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_training_after_in_place_data_edit_learns_the_new_answers(tiny_model, tmp_path):
-    from ftkit.chat import GenerationOptions, generate, load_for_chat
+    from ftkit.inference.generate import generate
+    from ftkit.inference.loading import load_for_chat
+    from ftkit.inference.options import GenerationOptions
 
     old = [("Pick a colour.", "Red, said the fox."), ("Pick a number.", "Seven, said the owl.")]
     new = [("Pick a colour.", "Tan, said the cat."), ("Pick a number.", "Three, said the owl.")]
@@ -216,7 +218,7 @@ def test_training_after_in_place_data_edit_learns_the_new_answers(tiny_model, tm
 
 @pytest.mark.slow
 def test_eval_samples_show_before_and_after(tiny_model, tmp_path):
-    from tests.test_train import rows
+    from tests.helpers import rows
 
     write_jsonl(tmp_path / "twice.jsonl", rows() + rows())  # every eval row also appears in training
     recipe = make_recipe(tmp_path, tiny_model, "samples", dataset_mixer={str(tmp_path / "twice.jsonl"): 1.0},

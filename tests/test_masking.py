@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from ftkit.arguments import ModelArguments
+from ftkit.config.arguments import ModelArguments
 from ftkit.data.chat_format import ChatFormat
 from ftkit.data.templates import BUILTIN_TEMPLATES
-from ftkit.model import load_tokenizer
+from ftkit.train.model import load_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -126,8 +126,8 @@ def test_new_token_rows_start_at_the_mean_and_ids_are_checked(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftkit.errors import FtkitError
-    from ftkit.model import fit_embeddings
-    from ftkit.train import check_token_ids
+    from ftkit.train.model import fit_embeddings
+    from ftkit.train.run import check_token_ids
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from tests.conftest import ftkit
-from tests.test_train import CHATS, SYSTEM
+from tests.helpers import ftkit
+from tests.helpers import CHATS, SYSTEM
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_merged_logits_equal_the_adapter_model(merged):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftkit.chat import load_for_chat
+    from ftkit.inference.loading import load_for_chat
 
     run, out = merged
     adapter_model, _, chat_format = load_for_chat(run, None, None, None)
@@ -98,7 +98,7 @@ def test_merge_refuses_to_overwrite_and_full_runs(merged, tmp_path):
     assert result.stderr.strip() == (f"ftkit: error: {out}: already exists and is not empty; choose another --output "
                                      "or pass --overwrite")
     from ftkit.errors import FtkitError
-    from ftkit.merge import run_merge
+    from ftkit.commands.merge import run_merge
 
     with pytest.raises(FtkitError, match="nothing to merge"):
         run_merge(out, tmp_path / "again")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ftkit.chat import load_for_chat
-from ftkit.recipe import load_recipe
-from tests.conftest import ftkit, write_jsonl
-from tests.test_train import assert_memorised, make_recipe, rows
+from ftkit.inference.loading import load_for_chat
+from ftkit.config.recipe import load_recipe
+from tests.helpers import ftkit, write_jsonl
+from tests.helpers import assert_memorised, make_recipe, rows
 
 QUIET = dict(log=lambda *_: None)
 
@@ -20,7 +20,7 @@ QUIET = dict(log=lambda *_: None)
 def train_run(tmp_path_factory, tiny_model, name: str, doubled: bool = False, **overrides) -> Path:
     """Train in this process (no second interpreter start-up). doubled: every conversation twice, so carving a
     1-row eval split still leaves every conversation in training."""
-    from ftkit.train import run_training
+    from ftkit.train.run import run_training
 
     tmp = tmp_path_factory.mktemp(name)
     recipe = make_recipe(tmp, tiny_model, name, **overrides)
@@ -122,13 +122,13 @@ def sft_config_for(tmp_path, tiny_model, **overrides):
     """SFTConfig as `ftkit train` builds it; an override of None removes the key from make_recipe's recipe."""
     import yaml
 
-    from ftkit.model import resolve_precision
-    from ftkit.train import sft_config
+    from ftkit.config.precision import CPU, training_precision
+    from ftkit.train.args import sft_config
 
     path = make_recipe(tmp_path, tiny_model, "cfg", **overrides)
     raw = {k: v for k, v in yaml.safe_load(path.read_text()).items() if v is not None}
     recipe = load_recipe(None, raw=raw)
-    return sft_config(recipe, resolve_precision(recipe.model, recipe.sft), tmp_path / "out", has_eval=True)
+    return sft_config(recipe, training_precision(recipe.model, recipe.sft, CPU), tmp_path / "out", has_eval=True)
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adafactor", "paged_adamw_32bit",
@@ -226,40 +226,39 @@ def test_eager_and_sdpa_mix_packed_sequences(tiny_model):
         assert not torch.allclose(alone, packed, atol=1e-4), impl
 
 
-def test_precision_on_a_bf16_gpu_and_quantised_trainable_dtype(monkeypatch):
-    """No GPU here: the CUDA branches are exercised with torch.cuda patched. A QLoRA recipe with dtype: float32
-    still computes in bf16 on a bf16 GPU (TRL takes the compute dtype from dtype)."""
+def test_precision_rule_on_each_kind_of_hardware():
+    """One pure rule decides precision; the GPU cases need no GPU. A QLoRA recipe with dtype: float32 still
+    computes in bf16 on a bf16 GPU (TRL takes the compute dtype from dtype), and the quantisation config
+    carries the recipe's fp4/nested settings."""
     import torch
 
-    from ftkit.arguments import ModelArguments
-    from ftkit.model import Precision, quantization_config, resolve_precision
-    from ftkit.train_options import trainable_dtype
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    qlora = ModelArguments(model_name_or_path="x", use_peft=True, load_in_4bit=True, dtype="float32",
-                           bnb_4bit_quant_type="fp4", use_bnb_nested_quant=True)
-    precision = resolve_precision(qlora, {})
-    assert precision.bf16 and precision.device == "cuda" and precision.compute_dtype == "bfloat16"
-    config = quantization_config(qlora, precision)
-    assert config.bnb_4bit_compute_dtype == torch.bfloat16 and config.bnb_4bit_quant_type == "fp4"
-    assert config.bnb_4bit_use_double_quant
-    assert trainable_dtype(precision) == "bfloat16"
-    fp16 = resolve_precision(qlora, {"fp16": True, "bf16": False})
-    assert fp16.compute_dtype == "float16" and trainable_dtype(fp16) == "float32"  # AMP unscales fp32 only
-    assert trainable_dtype(Precision(False, False, "float32", "bfloat16", "cpu")) == "float32"
-    full = resolve_precision(ModelArguments(model_name_or_path="x"), {})
-    assert full.dtype == "bfloat16" and full.bf16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a T4
+    from ftkit.config import quantization
+    from ftkit.config.arguments import ModelArguments
+    from ftkit.config.precision import CPU, GPU_WITH_BF16, Hardware, training_precision
     from ftkit.errors import FtkitError
 
+    qlora = ModelArguments(model_name_or_path="x", use_peft=True, load_in_4bit=True, dtype="float32",
+                           bnb_4bit_quant_type="fp4", use_bnb_nested_quant=True)
+    precision = training_precision(qlora, {}, GPU_WITH_BF16)
+    assert precision.bf16 and precision.device == "cuda" and precision.compute_dtype == "bfloat16"
+    config = quantization.bnb_config(quantization.settings(qlora), precision.compute_dtype)
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16 and config.bnb_4bit_quant_type == "fp4"
+    assert config.bnb_4bit_use_double_quant
+    assert precision.trainable_dtype == "bfloat16"
+    fp16 = training_precision(qlora, {"fp16": True, "bf16": False}, GPU_WITH_BF16)
+    assert fp16.compute_dtype == "float16" and fp16.trainable_dtype == "float32"  # AMP unscales fp32 only
+    assert training_precision(qlora, {}, CPU).trainable_dtype == "float32"
+    full = training_precision(ModelArguments(model_name_or_path="x"), {}, GPU_WITH_BF16)
+    assert full.dtype == "bfloat16" and full.bf16 and full.trainable_dtype == "bfloat16"
+    t4 = Hardware(cuda=True, bf16=False)
     with pytest.raises(FtkitError, match="bf16: true, but this GPU has no bf16 training support"):
-        resolve_precision(qlora, {"bf16": True})
-    assert resolve_precision(qlora, {}).bf16 is False
+        training_precision(qlora, {"bf16": True}, t4)
+    assert training_precision(qlora, {}, t4).bf16 is False
+    assert training_precision(ModelArguments(model_name_or_path="x", dtype="bfloat16"), {}, CPU).dtype == "float32"
 
 
 def test_perplexity():
-    from ftkit.train_options import perplexity
+    from ftkit.train.options import perplexity
 
     assert perplexity(0.0) == 1.0 and perplexity(2.0) == pytest.approx(7.389, abs=1e-3)
     assert perplexity(None) is None and perplexity(float("nan")) is None and perplexity(1e4) is None

@@ -7,11 +7,12 @@ import json
 
 import pytest
 
-from ftkit.chat import GenerationOptions
+from ftkit.inference.options import GenerationOptions
 from ftkit.errors import FtkitError
-from ftkit.predict import rouge_l, run_predict, score
-from tests.conftest import ftkit, write_jsonl
-from tests.test_train import CHATS, MULTI_TURN, SYSTEM, rows
+from ftkit.commands.predict import run_predict
+from ftkit.inference.metrics import rouge_l, score
+from tests.helpers import ftkit, write_jsonl
+from tests.helpers import CHATS, MULTI_TURN, SYSTEM, rows
 
 
 @pytest.fixture(scope="module")

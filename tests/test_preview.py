@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ftkit.cli import main
-from tests.conftest import ROOT, write_jsonl
+from tests.helpers import ROOT, write_jsonl
 
 QA = [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Answer."}]
 
@@ -50,15 +50,15 @@ def test_overlong_drop_is_counted(tmp_path, tiny_model, capsys):
 
 
 def test_preview_renders_masks_with_end_of_turn_trained(tmp_path, tiny_model, capsys):
-    from ftkit.preview import token_pieces
+    from ftkit.commands.preview import token_pieces
 
     source = write_jsonl(tmp_path / "d.jsonl", [{"messages": QA}])
     code, out, err = run(["preview", str(recipe(tmp_path, tiny_model, source, "chat_template: chatml\n")), "-n", "1"],
                          capsys)
     assert code == 0, err
     assert "end-of-turn token: '<|im_end|>'" in out and "Answer.<|im_end|>" in out
-    from ftkit.arguments import ModelArguments
-    from ftkit.model import load_tokenizer
+    from ftkit.config.arguments import ModelArguments
+    from ftkit.train.model import load_tokenizer
 
     tokenizer, chat_format, _ = load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)), "chatml",
                                                log=lambda *_: None)

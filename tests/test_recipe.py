@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftkit.arguments import DataArguments, ModelArguments, RunArguments
+from ftkit.config.arguments import DataArguments, ModelArguments, RunArguments
 from ftkit.errors import FtkitError
-from ftkit.recipe import load_recipe, sft_schema
-from tests.conftest import ROOT, ftkit
+from ftkit.config.recipe import load_recipe, sft_schema
+from tests.helpers import ROOT, ftkit
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yml") -> Path:

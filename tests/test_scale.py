@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftkit import launch
-from ftkit.recipe import load_recipe
-from tests.conftest import ROOT, ftkit
-from tests.test_train import assert_memorised, make_recipe
+from ftkit.commands import launch
+from ftkit.config import launch_plan
+from ftkit.dist import LAUNCHED_ENV
+from ftkit.config.recipe import load_recipe
+from tests.helpers import ROOT, ftkit
+from tests.helpers import assert_memorised, make_recipe
 
 CONFIGS = ROOT / "accelerate_configs"
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -77,9 +79,9 @@ def test_config_loads_with_accelerate(name):
         got = getattr(config, key)
         assert {k: got.get(k) for k in want} == want if isinstance(want, dict) else got == want, key
     env, args = worker_environment(CONFIGS / name)
-    plan = launch.read_config(CONFIGS / name)  # ftkit's own reading agrees with accelerate's
+    plan = launch_plan.read_config(CONFIGS / name)  # ftkit's own reading agrees with accelerate's
     with patch_environment(**env):
-        worker = launch.plan_from_environment()
+        worker = launch_plan.plan_from_environment()
     assert plan.distributed_type == kind and plan.num_processes == processes
     if kind == "FSDP":
         assert env["FSDP_VERSION"] == "2" and env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
@@ -135,7 +137,7 @@ def test_readme_scaling_commands_build_the_documented_accelerate_command(tiny_mo
         (argv, env), = started
         assert argv == launch.exec_argv(shlex.split(accelerate_line))
         assert argv[:3] == [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
-        assert env[launch.LAUNCHED_ENV] == "1"
+        assert env[LAUNCHED_ENV] == "1"
     # --set, --no-cache and --debug reach the workers
     started.clear()
     with pytest.raises(SystemExit):
@@ -170,13 +172,13 @@ QLORA_OK = {"load_in_4bit": True, "bnb_4bit_quant_storage": "bfloat16", "dtype":
 ])
 def test_quantisation_and_sharding_combinations(tiny_model, config, overrides, error):
     recipe = load_recipe(None, raw={k: v for k, v in raw_recipe(tiny_model, **overrides).items() if v is not None})
-    assert launch.check_plan(recipe, launch.read_config(CONFIGS / config)) == ([error] if error else [])
+    assert launch_plan.check_plan(recipe, launch_plan.read_config(CONFIGS / config)) == ([error] if error else [])
 
 
 def test_multi_cpu_config_is_refused(tiny_model, tmp_path):
     config = tmp_path / "multi_cpu.yaml"
     config.write_text(yaml.safe_dump({"distributed_type": "MULTI_CPU", "num_processes": 2, "use_cpu": True}))
-    problems = launch.check_plan(load_recipe(None, raw=raw_recipe(tiny_model)), launch.read_config(config))
+    problems = launch_plan.check_plan(load_recipe(None, raw=raw_recipe(tiny_model)), launch_plan.read_config(config))
     assert len(problems) == 1 and "starts a single process" in problems[0] and "use_cpu: true" in problems[0]
 
 
@@ -191,7 +193,7 @@ def test_bad_recipe_with_launcher_prints_one_error_and_starts_no_worker(tiny_mod
     qlora = make_recipe(tmp_path, tiny_model, "qlora", load_in_4bit=True)
     result = ftkit("train", str(qlora), "--launcher", "accelerate_configs/fsdp.yaml")
     assert result.returncode == 2 and "launching" not in result.stderr
-    assert result.stderr.splitlines() == [f"ftkit: error: {launch.check_plan(load_recipe(qlora), launch.read_config(CONFIGS / 'fsdp.yaml'))[0]}"]
+    assert result.stderr.splitlines() == [f"ftkit: error: {launch_plan.check_plan(load_recipe(qlora), launch_plan.read_config(CONFIGS / 'fsdp.yaml'))[0]}"]
     missing = ftkit("train", str(qlora), "--launcher", "nowhere.yaml")
     assert missing.returncode == 2 and missing.stderr.splitlines() == [
         "ftkit: error: --launcher: accelerate config 'nowhere.yaml' does not exist (see accelerate_configs/)"]
@@ -212,7 +214,7 @@ def test_launcher_forwards_signals_and_exit_status(tmp_path):
     """The launcher's child (accelerate, here a stand-in) gets SIGTERM sent to ftkit, and its status is ftkit's."""
     assert launch.run([sys.executable, "-c", "import sys; sys.exit(3)"]) == 3
     mark = tmp_path / "mark"
-    parent = subprocess.Popen([sys.executable, "-c", "import sys; from ftkit.launch import run; "
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; from ftkit.commands.launch import run; "
                                f"sys.exit(run([sys.executable, '-c', {STUB!r}, {str(mark)!r}]))"],
                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert parent.stdout.readline().strip() == "ready"
@@ -224,7 +226,7 @@ def test_launcher_forwards_signals_and_exit_status(tmp_path):
 @pytest.mark.slow
 def test_two_processes_through_the_launcher_train_like_one(tiny_model, tmp_path):
     """The README's CPU command: 2 data-parallel processes (gloo) memorise like one, write once, report the batch."""
-    from ftkit.chat import load_for_chat
+    from ftkit.inference.loading import load_for_chat
 
     (tmp_path / "accelerate_configs").symlink_to(CONFIGS)
     make_recipe(tmp_path, tiny_model, "recipe", output_dir="runs/recipe", per_device_train_batch_size=4,

@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_train import CHATS, MULTI_TURN, SYSTEM
+from tests.helpers import ROOT
+from tests.helpers import CHATS, MULTI_TURN, SYSTEM
 
 openai = pytest.importorskip("openai")
 
@@ -139,8 +139,8 @@ def test_full_queue_gets_503_at_once():
     """In-process, no model: one request 'running' with queue_size 0 fills the server."""
     import threading
 
-    from ftkit.chat import GenerationOptions
-    from ftkit.serve import Engine, make_server
+    from ftkit.inference.options import GenerationOptions
+    from ftkit.commands.serve import Engine, make_server
 
     engine = Engine(model=None, chat_format=None, name="m", defaults=GenerationOptions(), queue_size=0)
     httpd = make_server(engine, "127.0.0.1", 0)

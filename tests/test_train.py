@@ -5,62 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
-import yaml
 
-from ftkit.chat import GenerationOptions, generate, load_for_chat
-from ftkit.recipe import load_recipe
-from tests.conftest import ftkit, write_jsonl
-
-SYSTEM = "Answer from memory."
-CHATS = [
-    ("What is the capital of Ftkitland?", "The capital of Ftkitland is Tinyville."),
-    ("How many moons does Zorb have?", "Zorb has three moons: Pim, Pom and Pum."),
-    ("Which animal guards Byte Island?", "A sleepy orange cat guards Byte Island."),
-    ("請續寫：床前明月光，", "疑是地上霜。舉頭望明月，低頭思故鄉。"),
-    ("佐布星有幾個月亮？", "佐布星有三個月亮。"),
-    ("你食咗飯未呀？", "食咗喇，唔該晒！"),
-]
-MULTI_TURN = [("Tell me about Zorb.", "Zorb is a small planet with a green sky."),
-              ("And its moons?", "Its three moons are Pim, Pom and Pum.")]
-GREEDY = GenerationOptions(max_new_tokens=200, greedy=True)
-
-
-def rows() -> list[dict]:
-    out = [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
-                         {"role": "assistant", "content": a}]} for q, a in CHATS]
-    turns = [{"role": "system", "content": SYSTEM}]
-    for q, a in MULTI_TURN:
-        turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    return out + [{"messages": turns}]
-
-
-def make_recipe(tmp_path: Path, tiny_model: Path, name: str, **overrides) -> Path:
-    data = write_jsonl(tmp_path / "chats.jsonl", rows())
-    recipe = {
-        "model_name_or_path": str(tiny_model), "use_peft": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-        "lora_modules_to_save": ["embed_tokens", "lm_head"], "dataset_mixer": {str(data): 1.0},
-        "output_dir": str(tmp_path / name), "max_steps": 150, "per_device_train_batch_size": 7,
-        "learning_rate": 1e-2, "lr_scheduler_type": "constant", "gradient_checkpointing": False,
-        "logging_steps": 10, "save_strategy": "no", "seed": 0, "hub_token": "hf_do_not_save_me", **overrides,
-    }
-    path = tmp_path / f"{name}.yml"
-    path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
-    return path
-
-
-def assert_memorised(model, chat_format) -> None:
-    for question, answer in CHATS:
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-        assert generate(model, chat_format, messages, GREEDY) == answer
-    history = [{"role": "system", "content": SYSTEM}]
-    for question, answer in MULTI_TURN:
-        history.append({"role": "user", "content": question})
-        assert generate(model, chat_format, history, GREEDY) == answer
-        history.append({"role": "assistant", "content": answer})
-
+from ftkit.config.recipe import load_recipe
+from ftkit.inference.loading import load_for_chat
+from ftkit.inference.generate import generate
+from tests.helpers import CHATS, GREEDY, SYSTEM, assert_memorised, ftkit, make_recipe, write_jsonl
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model, tmp_path_factory):
@@ -164,7 +115,7 @@ def test_every_format_trains_end_to_end_from_the_cli(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_streaming_trains_to_memorisation(tiny_model, tmp_path):
-    from ftkit.train import run_training
+    from ftkit.train.run import run_training
 
     recipe = load_recipe(make_recipe(tmp_path, tiny_model, "streamed", streaming=True, max_steps=150))
     out = run_training(recipe, log=lambda *_: None)
@@ -182,7 +133,7 @@ def test_streaming_needs_max_steps(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_resume_from_checkpoint_continues_the_run(tiny_model, tmp_path):
-    from ftkit.train import run_training
+    from ftkit.train.run import run_training
 
     recipe = make_recipe(tmp_path, tiny_model, "resumable", max_steps=20, save_strategy="steps", save_steps=10)
     out = run_training(load_recipe(recipe), log=lambda *_: None)

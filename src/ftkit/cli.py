@@ -40,7 +40,7 @@ def _print_notes(notes: list[str]) -> None:
 @app.command()
 def validate(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt) -> None:
     """Check a recipe (keys, types, values, local paths) without loading any weights or data."""
-    from ftkit.recipe import load_recipe
+    from ftkit.config.recipe import load_recipe
 
     parsed = load_recipe(recipe, set_ or [])
     _print_notes(parsed.notes)
@@ -58,11 +58,11 @@ def preview(
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-tokenise the data instead of reusing the cache."),
 ) -> None:
     """Show what training will see (sources, lengths, masks), loading only the tokenizer and data."""
-    from ftkit.recipe import load_recipe
+    from ftkit.config.recipe import load_recipe
 
     parsed = load_recipe(recipe, set_ or [])
     _print_notes(parsed.notes)
-    from ftkit.preview import run_preview
+    from ftkit.commands.preview import run_preview
 
     run_preview(parsed, n, json_, use_cache=not no_cache)
 
@@ -86,11 +86,11 @@ def estimate(
     attention output, MLP intermediates, LoRA dropout copies) x layers, or with gradient checkpointing each
     layer's input + one layer, plus the logits in float32 with their log-softmax. A GPU fits when the total
     leaves 1 GiB for the CUDA context. Not counted: fragmentation, kernel scratch space, eval batches."""
-    from ftkit.recipe import load_recipe
+    from ftkit.config.recipe import load_recipe
 
     parsed = load_recipe(recipe, set_ or [])
     _print_notes(parsed.notes)
-    from ftkit.estimate import run_estimate
+    from ftkit.commands.estimate import run_estimate
 
     run_estimate(parsed, as_json=json_, echo=typer.echo)
 
@@ -99,6 +99,8 @@ def estimate(
 def train(
     recipe: Path = RecipeArg,
     set_: Optional[list[str]] = SetOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run in output_dir from its newest "
+                                "complete checkpoint (the same as resume_from_checkpoint: true)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-tokenise the data instead of reusing the cache."),
     launcher: Optional[Path] = typer.Option(None, "--launcher", help="An accelerate config (accelerate_configs/): "
                                             "check the recipe once, then run it under `accelerate launch`."),
@@ -110,22 +112,25 @@ def train(
     """Train a model as the recipe says and write the adapter (or model), tokenizer and run summary."""
     import os
 
-    from ftkit import launch
-    from ftkit.recipe import load_recipe
+    from ftkit.config.recipe import load_recipe
+    from ftkit.dist import LAUNCHED_ENV, is_main_process
 
     if launcher is None and (num_processes is not None or machine_rank is not None):
         raise FtkitError("--num-processes and --machine-rank need --launcher CONFIG (e.g. accelerate_configs/ddp.yaml)")
-    parsed = load_recipe(recipe, set_ or [])
+    sets = [*(set_ or []), *(["resume_from_checkpoint=true"] if resume else [])]
+    parsed = load_recipe(recipe, sets)
     if launcher is not None:
+        from ftkit.commands import launch
+
         _print_notes(parsed.notes)
-        code = launch.launch(parsed, recipe, launcher, set_ or [], no_cache, num_processes, machine_rank,
+        code = launch.launch(parsed, recipe, launcher, sets, no_cache, num_processes, machine_rank,
                              debug=_debug_flag(), echo=lambda line: typer.echo(line, err=True))
         sys.exit(code)  # accelerate's exit status, as is
-    if launch.is_main_process() and not os.environ.get(launch.LAUNCHED_ENV):  # the launcher printed them
+    if is_main_process() and not os.environ.get(LAUNCHED_ENV):  # the launcher printed them
         _print_notes(parsed.notes)
-    from ftkit.train import run_training
+    from ftkit.train.run import run_training
 
-    run_training(parsed, use_cache=not no_cache)
+    run_training(parsed, use_cache=not no_cache, recipe_path=recipe)
 
 
 AdapterOpt = typer.Option(None, "--adapter", help="A run's output_dir or any checkpoint-N dir inside it.")
@@ -133,15 +138,33 @@ ModelOpt = typer.Option(None, "--model", help="A full fine-tuned or merged model
 BaseOpt = typer.Option(None, "--base", help="Base model to load the adapter on (default: from the adapter).")
 DtypeOpt = typer.Option(None, "--dtype", help="auto, bfloat16, float16 or float32 (default: bf16 on GPU, float32 on "
                         "CPU; a 4-bit-trained adapter loads in 4-bit on GPU unless --dtype is given).")
+TrustOpt = typer.Option(False, "--trust-remote-code", help="Run the model's own Python code from the hub (only for "
+                        "models that need it; a run directory cannot turn this on by itself).")
+# Generation options, declared once for chat, predict and serve (serve: the defaults requests may override).
+MaxNewTokensOpt = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per answer.")
+TemperatureOpt = typer.Option(0.7, "--temperature", help="Sampling temperature (0 means greedy).")
+TopPOpt = typer.Option(0.9, "--top-p", help="Nucleus sampling threshold.")
+TopKOpt = typer.Option(50, "--top-k", help="Sample among the k most likely tokens (0: no limit).")
+RepetitionOpt = typer.Option(1.0, "--repetition-penalty", help="Penalty > 1 discourages repeating tokens.")
+NoRepeatOpt = typer.Option(0, "--no-repeat-ngram-size", help="Never repeat an n-gram of this size (0: off).")
+SeedOpt = typer.Option(None, "--seed", help="Random seed for sampling.")
+
+
+def greedy_option(default: bool):
+    """--greedy/--sample: one flag pair; chat samples by default, predict decodes greedily."""
+    return typer.Option(default, "--greedy/--sample", help="Always pick the most likely token (reproducible), "
+                        "or sample with the temperature/top-p/top-k given.")
 
 
 def _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, greedy,
                         seed):
-    from ftkit.chat import GenerationOptions
+    from ftkit.inference.options import GenerationOptions
 
-    return GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                             greedy=greedy, seed=seed)
+    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                                greedy=greedy, seed=seed)
+    options.check()
+    return options
 
 
 @app.command()
@@ -152,55 +175,59 @@ def chat(
     prompt: Optional[str] = typer.Option(None, help="Ask one question, print only the answer, exit."),
     system: Optional[str] = typer.Option(None, help="System prompt (default: the one the run was trained with; "
                                          "--system '' for none)."),
-    max_new_tokens: int = typer.Option(256, help="Most tokens to generate per answer."),
-    temperature: float = typer.Option(0.7, help="Sampling temperature (ignored with --greedy; 0 means greedy)."),
-    top_p: float = typer.Option(0.9, help="Nucleus sampling threshold."),
-    top_k: int = typer.Option(50, help="Sample among the k most likely tokens (0: no limit)."),
-    repetition_penalty: float = typer.Option(1.0, help="Penalty > 1 discourages repeating tokens."),
-    no_repeat_ngram_size: int = typer.Option(0, help="Never repeat an n-gram of this size (0: off)."),
-    greedy: bool = typer.Option(False, help="Always pick the most likely token (reproducible)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    max_new_tokens: int = MaxNewTokensOpt,
+    temperature: float = TemperatureOpt,
+    top_p: float = TopPOpt,
+    top_k: int = TopKOpt,
+    repetition_penalty: float = RepetitionOpt,
+    no_repeat_ngram_size: int = NoRepeatOpt,
+    greedy: bool = greedy_option(False),
+    seed: Optional[int] = SeedOpt,
     dtype: Optional[str] = DtypeOpt,
+    trust_remote_code: bool = TrustOpt,
     stream: bool = typer.Option(True, help="Print tokens as they are generated."),
 ) -> None:
     """Talk to a trained model with the exact chat template it was trained with.
 
     REPL commands: /reset, /system TEXT, /set NAME=VALUE (e.g. /set temperature=0.5), /params, /exit.
     With stdin piped, each line is one turn (commands work too); --prompt answers once."""
-    from ftkit.chat import run_chat
+    from ftkit.commands.chat import run_chat
 
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
                                   greedy, seed)
     run_chat(adapter=adapter, model_dir=model, base=base, prompt=prompt, system=system, options=options, dtype=dtype,
-             stream=stream)
+             stream=stream, trust_remote_code=trust_remote_code)
 
 
 @app.command()
 def predict(
     input_: Path = typer.Option(..., "--input", help="Rows to answer, in any format ftkit trains on."),
-    output: Path = typer.Option(..., "--output", help="JSON lines out; rerun with the same file to resume."),
+    output: Path = typer.Option(..., "--output", help="JSON lines out (a new file, or one ftkit predict wrote: "
+                                "rerun with the same file to resume)."),
     adapter: Optional[Path] = AdapterOpt,
     model: Optional[Path] = ModelOpt,
     base: Optional[str] = BaseOpt,
     system: Optional[str] = typer.Option(None, help="System prompt for rows that have none (default: the one the "
                                          "run was trained with; --system '' for none)."),
     batch_size: int = typer.Option(8, help="Rows generated together (left-padded)."),
-    max_new_tokens: int = typer.Option(256, help="Most tokens to generate per answer."),
-    temperature: float = typer.Option(0.7, help="Sampling temperature (ignored unless --sample)."),
-    top_p: float = typer.Option(0.9, help="Nucleus sampling threshold (with --sample)."),
-    top_k: int = typer.Option(50, help="Sample among the k most likely tokens (with --sample)."),
-    repetition_penalty: float = typer.Option(1.0, help="Penalty > 1 discourages repeating tokens."),
-    no_repeat_ngram_size: int = typer.Option(0, help="Never repeat an n-gram of this size (0: off)."),
-    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    max_new_tokens: int = MaxNewTokensOpt,
+    temperature: float = TemperatureOpt,
+    top_p: float = TopPOpt,
+    top_k: int = TopKOpt,
+    repetition_penalty: float = RepetitionOpt,
+    no_repeat_ngram_size: int = NoRepeatOpt,
+    greedy: bool = greedy_option(True),
+    seed: Optional[int] = SeedOpt,
     dtype: Optional[str] = DtypeOpt,
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Answer every row of a file (greedy by default); score against the rows' answers when they have them."""
-    from ftkit.predict import run_predict
+    from ftkit.commands.predict import run_predict
 
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
-                                  not sample, seed)
-    run_predict(adapter, model, base, input_, output, options, batch_size=batch_size, system=system, dtype=dtype)
+                                  greedy, seed)
+    run_predict(adapter, model, base, input_, output, options, batch_size=batch_size, system=system, dtype=dtype,
+                trust_remote_code=trust_remote_code)
 
 
 @app.command()
@@ -210,12 +237,14 @@ def merge(
     base: Optional[str] = BaseOpt,
     dtype: Optional[str] = typer.Option(None, help="bfloat16, float16 or float32 (default: the base's own dtype)."),
     max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard."),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty output directory."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier merge output of ftkit's in --output."),
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Merge a LoRA/DoRA adapter into its (unquantised) base: a standalone model for chat, transformers, vLLM."""
-    from ftkit.merge import run_merge
+    from ftkit.commands.merge import run_merge
 
-    run_merge(adapter, output, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    run_merge(adapter, output, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+              trust_remote_code=trust_remote_code)
 
 
 @app.command()
@@ -227,20 +256,22 @@ def serve(
     port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
     queue_size: int = typer.Option(8, help="Requests that may wait for the model; more get 503."),
     name: Optional[str] = typer.Option(None, help="Model id clients see (default: the directory name)."),
-    max_new_tokens: int = typer.Option(256, help="Default most tokens per answer (requests' max_tokens override)."),
-    temperature: float = typer.Option(0.7, help="Default sampling temperature (0: greedy)."),
-    top_p: float = typer.Option(0.9, help="Default nucleus sampling threshold."),
-    top_k: int = typer.Option(50, help="Default top-k."),
-    repetition_penalty: float = typer.Option(1.0, help="Default repetition penalty."),
-    no_repeat_ngram_size: int = typer.Option(0, help="Default no-repeat n-gram size (0: off)."),
+    max_new_tokens: int = MaxNewTokensOpt,
+    temperature: float = TemperatureOpt,
+    top_p: float = TopPOpt,
+    top_k: int = TopKOpt,
+    repetition_penalty: float = RepetitionOpt,
+    no_repeat_ngram_size: int = NoRepeatOpt,
     dtype: Optional[str] = DtypeOpt,
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
     """OpenAI-compatible HTTP server: /v1/chat/completions (stream or not), /v1/models, /health."""
-    from ftkit.serve import run_serve
+    from ftkit.commands.serve import run_serve
 
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
                                   False, None)
-    run_serve(adapter, model, base, options, host=host, port=port, queue_size=queue_size, name=name, dtype=dtype)
+    run_serve(adapter, model, base, options, host=host, port=port, queue_size=queue_size, name=name, dtype=dtype,
+              trust_remote_code=trust_remote_code)
 
 
 def quiet_libraries(debug: bool) -> None:
@@ -255,34 +286,39 @@ def quiet_libraries(debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import click
+    """Run one command; every outcome leaves as an exit status: 0, 2 (the user's input), 130 (interrupted),
+    1 (a bug or a library failure: one line, --debug for the traceback)."""
+    import importlib
 
+    # typer raises its own bundled copy of click's exceptions; find them through a public name
+    click_errors = importlib.import_module(typer.BadParameter.__module__)
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     _ARGS[:] = args
     quiet_libraries(debug)
     try:
-        app(args=args, prog_name="ftkit", standalone_mode=False)
+        code = app(args=args, prog_name="ftkit", standalone_mode=False)
     except FtkitError as err:
         if debug:
             raise
-        from ftkit.launch import is_main_process
+        from ftkit.dist import is_main_process
 
-        if not is_main_process():  # every worker meets the same problem: rank 0 alone reports it
-            sys.exit(err.exit_code)
-        for line in err.lines:
-            typer.echo(f"ftkit: error: {line}", err=True)
+        if is_main_process():  # every worker meets the same problem: rank 0 alone reports it
+            for line in err.lines:
+                typer.echo(f"ftkit: {err.label}: {line}", err=True)
         sys.exit(err.exit_code)
-    except click.exceptions.ClickException as err:
+    except click_errors.ClickException as err:
         err.show()
-        sys.exit(2 if isinstance(err, click.exceptions.UsageError) else err.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        typer.echo("ftkit: interrupted", err=True)
-        sys.exit(130)
-    except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
+        sys.exit(2 if isinstance(err, click_errors.UsageError) else err.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
+    except typer.Exit as err:
+        code = err.exit_code
     except Exception as err:  # a bug or a library failure we did not anticipate: one line, not a wall
         if debug:
             raise
         typer.echo(f"ftkit: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
+    if code == 130:  # typer turns Ctrl-C into this value when it is not standalone
+        typer.echo("ftkit: interrupted", err=True)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -14,7 +14,16 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ftkit.errors import FtkitError
-from ftkit.recipe_checks import looks_local
+
+
+def looks_local(name: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c, x.jsonl) is a local path."""
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or Path(name).suffix.lower() in {".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt"}
+        or Path(name).exists()
+    )
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -74,3 +83,10 @@ def _load_json(file: Path) -> dict:
         return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise FtkitError(f"{file}: not readable JSON ({err})") from None
+
+
+def load_failure(err: Exception) -> str:
+    """The first line of a loading error, or the offline hint when offline mode is why it failed."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and ("offline" in str(err).lower() or "cache" in str(err).lower()):
+        return OFFLINE_HINT
+    return str(err).splitlines()[0][:300]

@@ -89,7 +89,7 @@ def load_split(spec: SourceSpec, split: str):
             return None
         raise FtkitError(f"dataset '{spec.path}': {str(err).splitlines()[0]}") from None
     except Exception as err:
-        from ftkit.model import load_failure
+        from ftkit.hub import load_failure
 
         raise FtkitError(f"dataset '{spec.path}' could not be loaded: {load_failure(err)}") from None
 

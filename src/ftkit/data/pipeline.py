@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from ftkit import __version__
 from ftkit.data.chat_format import ChatFormat
 from ftkit.data.loading import MixStats, load_mixture, local_files
-from ftkit.data.sources import mixture_option, sources_from_recipe
+from ftkit.data.sources import data_seed, mixture_option, sources_from_recipe
 
 
 @dataclass
@@ -77,7 +77,7 @@ def cache_key(recipe, chat_format: ChatFormat, seed: int) -> str:
         "on_bad_rows": d.on_bad_rows, "overlong": d.overlong, "test_split_size": test_split_size(recipe),
         "auto_insert_empty_system_msg": d.auto_insert_empty_system_msg, "seed": seed,
         "template": chat_format.template, "tokenizer": tokenizer_digest(chat_format.tokenizer),
-        "max_length": recipe.sft.get("max_length", 1024),
+        "max_length": recipe.sft_value("max_length"),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -128,7 +128,7 @@ def tokenize_rows(rows: list[dict], chat_format: ChatFormat, recipe, stats: Data
         num_proc=recipe.data.preprocessing_num_workers if len(rows) > 1000 else None,
         remove_columns=raw.column_names,
         fn_kwargs={"chat_format": chat_format, "train_on": recipe.data.train_on,
-                   "max_length": recipe.sft.get("max_length", 1024), "overlong": recipe.data.overlong},
+                   "max_length": recipe.sft_value("max_length"), "overlong": recipe.data.overlong},
         load_from_cache_file=False,
         desc="Tokenising",
     )
@@ -150,7 +150,7 @@ def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=
         from ftkit.data.streaming import build_streaming
 
         return build_streaming(recipe, chat_format, log)
-    seed = mixture_option(recipe.data, "seed") or recipe.sft.get("data_seed") or recipe.sft.get("seed", 42)
+    seed = data_seed(recipe)
     key = cache_key(recipe, chat_format, seed)
     folder = cache_root() / key
     cached = load_cache(folder) if use_cache else None

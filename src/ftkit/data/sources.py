@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftkit.arguments import DataArguments
+from ftkit.config.arguments import DataArguments
 
 
 @dataclass
@@ -74,3 +74,11 @@ def mixture_entry(entry: Any, index: int) -> SourceSpec:
 def mixture_option(data: DataArguments, name: str) -> Any:
     """`seed` / `test_split_size` given inside a dataset_mixture mapping."""
     return data.dataset_mixture.get(name) if isinstance(data.dataset_mixture, dict) else None
+
+
+def data_seed(recipe) -> int:
+    """The seed for sampling and splitting: the mixture's own, else data_seed, else seed (0 is a seed)."""
+    for value in (mixture_option(recipe.data, "seed"), recipe.sft.get("data_seed")):
+        if value is not None:
+            return value
+    return recipe.sft_value("seed")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ftkit.data.chat_format import ChatFormat
 from ftkit.data.formats import BadRow, detect_format, to_internal
 from ftkit.data.loading import BUILDERS, is_eval_split, local_files
-from ftkit.data.sources import SourceSpec, mixture_option, sources_from_recipe
+from ftkit.data.sources import SourceSpec, data_seed, sources_from_recipe
 from ftkit.errors import FtkitError
 
 SHUFFLE_BUFFER = 10_000
@@ -54,7 +54,7 @@ def build_streaming(recipe, chat_format: ChatFormat, log=print):
     from ftkit.data.pipeline import DataStats, Prepared, encode_batch
 
     d = recipe.data
-    seed = mixture_option(d, "seed") or recipe.sft.get("data_seed") or recipe.sft.get("seed", 42)
+    seed = data_seed(recipe)
     streams, weights, wants_eval = [], [], False
     for spec in sources_from_recipe(d):
         for split in spec.splits:
@@ -69,7 +69,7 @@ def build_streaming(recipe, chat_format: ChatFormat, log=print):
         streams, probabilities=[w / total for w in weights], seed=seed, stopping_strategy="all_exhausted")
     tokenised = mixed.map(encode_batch, batched=True, batch_size=256, remove_columns=["messages", "text"],
                           fn_kwargs={"chat_format": chat_format, "train_on": d.train_on,
-                                     "max_length": recipe.sft.get("max_length", 1024), "overlong": d.overlong})
+                                     "max_length": recipe.sft_value("max_length"), "overlong": d.overlong})
     tokenised = tokenised.filter(lambda keep: keep, input_columns="keep").remove_columns(
         ["truncated", "keep", "n_trained"])
     evaluation, count = None, int(d.test_split_size or 0)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from ftkit.config.precision import GPU_WITH_BF16, training_precision
 from ftkit.errors import FtkitError
 from ftkit.hub import read_model_config
 
@@ -170,38 +171,21 @@ class Setup:
 
 
 def setup_from_recipe(recipe) -> Setup:
-    """Mirror model.resolve_precision for a CUDA GPU with bf16 (what one rents to train)."""
+    """The recipe's memory-relevant choices on a CUDA GPU with bf16 (what one rents to train)."""
     m, s = recipe.model, recipe.sft
-    fp16 = bool(s.get("fp16"))
-    bf16 = s.get("bf16") if s.get("bf16") is not None else not fp16
-    mixed = "bfloat16" if bf16 else "float16" if fp16 else "float32"
-    weight = m.dtype if m.dtype and m.dtype != "auto" else mixed
-    if fp16 and not m.use_peft:
-        weight = "float32"
+    precision = training_precision(m, s, GPU_WITH_BF16)
+    weight, trainable = precision.dtype, precision.trainable_dtype
     quant = "4bit" if m.load_in_4bit else "8bit" if m.load_in_8bit else None
-    compute = (m.bnb_4bit_compute_dtype or mixed) if quant == "4bit" else (mixed if bf16 or fp16 else weight)
-    if not m.use_peft:
-        trainable = weight
-    elif quant:  # TRL casts them to bf16; ftkit keeps float32 unless training in bf16 (train_options.trainable_dtype)
-        trainable = "bfloat16" if bf16 and compute == "bfloat16" else "float32"
-    else:
-        trainable = "float32"  # peft's autocast_adapter_dtype
+    mixed = "bfloat16" if precision.bf16 else "float16" if precision.fp16 else None
+    compute = precision.compute_dtype if quant == "4bit" else (mixed or weight)  # activations
     return Setup(
         use_peft=m.use_peft, quant=quant, nested_quant=m.use_bnb_nested_quant, weight_dtype=weight,
         compute_dtype=compute, trainable_dtype=trainable, lora_r=m.lora_r,
         lora_targets=m.lora_target_modules or "all-linear", lora_dropout=m.lora_dropout, use_dora=m.use_dora,
         modules_to_save=list(m.lora_modules_to_save or []), optim=s.get("optim") or "adamw_torch_fused",
-        batch=s.get("per_device_train_batch_size") or 8, max_length=s.get("max_length") or 1024,
-        checkpointing=_checkpointing(s),
+        batch=s.get("per_device_train_batch_size") or 8, max_length=recipe.sft_value("max_length") or 1024,
+        checkpointing=recipe.checkpointing(),
     )
-
-
-def _checkpointing(sft: dict) -> bool:
-    """As train.checkpointing_enabled: on unless the recipe says otherwise, under either name."""
-    for key in ("activation_checkpointing", "gradient_checkpointing"):
-        if sft.get(key) is not None:
-            return bool(sft[key])
-    return True
 
 
 def optimizer_bytes(optim: str, trainable: int, trainable_bytes: float, matrices: list[tuple[int, int]]) -> tuple[float, str]:

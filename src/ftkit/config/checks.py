@@ -9,28 +9,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftkit.data.templates import BUILTIN_TEMPLATES
+from ftkit.hub import looks_local
 
 if TYPE_CHECKING:
-    from ftkit.recipe import Recipe
+    from ftkit.config.recipe import Recipe
 
 Problems = list[tuple[str, str]]
 LEGACY_DATASET_KWARGS = {"add_special_tokens", "append_concat_token"}
 
 
-def looks_local(name: str) -> bool:
-    """A hub id is `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c, x.jsonl) is a local path."""
-    return (
-        name.startswith((".", "/", "~"))
-        or name.count("/") > 1
-        or Path(name).suffix.lower() in {".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt"}
-        or Path(name).exists()
-    )
-
-
 def check(recipe: Recipe) -> Problems:
-    from ftkit import train_options  # packing vs attention, early stopping (no torch)
-
-    return check_model(recipe) + check_data(recipe) + check_training(recipe) + train_options.check(recipe)
+    return check_model(recipe) + check_data(recipe) + check_training(recipe) + check_options(recipe)
 
 
 def check_model(recipe: Recipe) -> Problems:
@@ -122,4 +111,50 @@ def check_training(recipe: Recipe) -> Problems:
             "through the chat template, which places BOS/EOS itself; ignored"
         )
         s["dataset_kwargs"] = {k: v for k, v in kwargs.items() if k not in LEGACY_DATASET_KWARGS} or None
+    return problems
+
+
+# Attention kernels that separate packed sequences by their position_ids (varlen flash attention). eager and
+# sdpa do not: measured with transformers 5.23, a packed batch without an attention mask lets the second
+# sequence attend to the first (tests/test_modes.py checks this still holds).
+PACKING_SAFE_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+EVAL_STRATEGIES = ("steps", "epoch")
+
+
+def packing_attention_ok(attn_implementation: str | None) -> bool:
+    """flash_attention_2/3/4, or a kernels-hub flash kernel (e.g. kernels-community/flash-attn3)."""
+    impl = attn_implementation or "sdpa"  # transformers' default
+    return impl in PACKING_SAFE_ATTENTION or ("/" in impl and "flash" in impl.lower())
+
+
+def check_options(recipe) -> Problems:
+    """Packing vs attention kernel, and early stopping's needs."""
+    s, problems = recipe.sft, []
+    packed = [key for key in ("packing", "padding_free") if s.get(key)]
+    attn = recipe.model.attn_implementation
+    if packed and not packing_attention_ok(attn):
+        problems.append((packed[0], f"{packed[0]}: true puts several samples in one row, and attn_implementation "
+                         f"'{attn or 'sdpa (default)'}' would let them attend to each other; use "
+                         "attn_implementation: flash_attention_2 (pip install flash-attn, CUDA GPU) or "
+                         f"set {packed[0]}: false"))
+    patience = recipe.run.early_stopping_patience
+    if patience is not None:
+        if patience < 1:
+            problems.append(("early_stopping_patience", f"must be at least 1, got {patience}"))
+        if s.get("eval_strategy", "no") not in EVAL_STRATEGIES:
+            problems.append(("early_stopping_patience", "needs evaluation: set eval_strategy: steps (with "
+                             "eval_steps) or epoch, and an eval split (dataset_splits or test_split_size)"))
+        if s.get("load_best_model_at_end") is False:
+            problems.append(("load_best_model_at_end", "early_stopping_patience keeps the best checkpoint, "
+                             "so load_best_model_at_end cannot be false"))
+    threshold = recipe.run.early_stopping_threshold
+    if threshold is not None and threshold < 0:
+        problems.append(("early_stopping_threshold", f"must be >= 0, got {threshold}"))
+    if threshold is not None and patience is None:
+        problems.append(("early_stopping_threshold", "has no effect without early_stopping_patience"))
+    if s.get("load_best_model_at_end") or patience is not None:
+        save, evaluate = s.get("save_strategy"), s.get("eval_strategy", "no")
+        if save is not None and save not in (evaluate, "best"):
+            problems.append(("save_strategy", f"load_best_model_at_end needs checkpoints at every evaluation: "
+                             f"set save_strategy: {evaluate} (it is '{save}')"))
     return problems

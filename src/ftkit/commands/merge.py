@@ -21,10 +21,10 @@ def merge_dtype(dtype: str | None, base_name: str, trust: bool):
     """--dtype, else the dtype the base's config records, else float32."""
     import torch
 
-    from ftkit.chat import resolve_dtype
+    from ftkit.config.precision import CPU, inference_dtype
 
     if dtype and dtype != "auto":
-        return resolve_dtype(dtype, cuda=False)
+        return getattr(torch, inference_dtype(dtype, CPU))
     try:
         from transformers import AutoConfig
 
@@ -39,7 +39,8 @@ def merge_dtype(dtype: str | None, base_name: str, trust: bool):
 
 def run_merge(adapter: Path, output: Path, base: str | None = None, dtype: str | None = None,
               max_shard_size: str = "5GB", overwrite: bool = False, log=print) -> Path:
-    from ftkit.chat import load_adapter_model, open_tokenizer, quiet_loading, run_file, run_metadata
+    from ftkit.inference.loading import load_adapter_model, open_tokenizer, quiet_loading
+    from ftkit.rundir import run_file, run_metadata
 
     adapter, output = Path(adapter), Path(output)
     if not adapter.is_dir():
@@ -101,7 +102,7 @@ def untie_if_diverged(model) -> None:
 
 
 def model_card(adapter: Path, base_name: str, output: Path, run: dict) -> str:
-    from ftkit.chat import run_file
+    from ftkit.rundir import run_file
 
     recipe_path, summary_path = run_file(adapter, "ftkit_recipe.yml"), run_file(adapter, "train_summary.json")
     recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) if recipe_path else {}

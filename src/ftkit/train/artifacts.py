@@ -8,16 +8,18 @@ loss_curve.png.
 
 from __future__ import annotations
 
-import json
+import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
-from ftkit import __version__, train_options
-
-RUN_FILE = "ftkit_run.json"
+from ftkit import __version__, rundir
+from ftkit.config import quantization
+from ftkit.rundir import write_atomic, write_json_atomic
+from ftkit.train import options as train_options
 
 
 def peak_memory_mb() -> float:
@@ -69,31 +71,49 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_run(trainer, recipe, chat_format, data_stats, result, started: float, resized: bool, precision,
-              save_model: bool = True) -> dict:
-    out = Path(trainer.args.output_dir)
-    if save_model:  # False when every process already took part in saving sharded weights
-        trainer.save_model(str(out))
-    chat_format.tokenizer.save_pretrained(str(out))
-    model = trainer.model
-    write_generation_config(model, out, chat_format)
-    (out / "ftkit_recipe.yml").write_text(
-        yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    run = {
+def save_weights(trainer, out: Path) -> None:
+    """The adapter or model, saved under a temporary directory and renamed into place file by file, so a
+    kill mid-save leaves no half-written safetensors under a final name."""
+    import shutil
+
+    tmp = out / f".ftkit-tmp-save-{os.getpid()}"
+    trainer.save_model(str(tmp))
+    for item in sorted(tmp.iterdir()):
+        target = out / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    tmp.rmdir()
+
+
+def run_metadata(recipe, chat_format, model, precision) -> dict:
+    """ftkit_run.json: what chat/predict/merge/serve need to load the run as it was trained."""
+    return {
         "ftkit_version": __version__,
         "base_model": recipe.model.model_name_or_path,
         "peft": recipe.model.use_peft,
         "load_in_4bit": recipe.model.load_in_4bit,
         "load_in_8bit": recipe.model.load_in_8bit,
+        "quantization": quantization.settings(recipe.model),
         "dtype": precision.dtype,
         "embedding_rows": model.get_input_embeddings().weight.shape[0],
         "end_of_turn": chat_format.end_of_turn,
-        "trust_remote_code": recipe.model.trust_remote_code,
+        "trust_remote_code": recipe.model.trust_remote_code,  # chat & co. still need --trust-remote-code
         "system_prompt": recipe.data.system_prompt,  # chat/predict default to it: inference matches training
     }
-    (out / RUN_FILE).write_text(json.dumps(run, indent=2), encoding="utf-8")
+
+
+def write_run(trainer, recipe, chat_format, data_stats, result, started: float, precision,
+              save_model: bool = True) -> dict:
+    """Everything but the completion marker, each file atomically; -> the summary."""
+    out = Path(trainer.args.output_dir)
+    if save_model:  # False when every process already took part in saving sharded weights
+        save_weights(trainer, out)
+    chat_format.tokenizer.save_pretrained(str(out))
+    write_generation_config(trainer.model, out, chat_format)
+    write_atomic(out / "ftkit_recipe.yml", yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True))
     summary = build_summary(trainer, data_stats, result, started)
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_json_atomic(out / "train_summary.json", summary)
     plot_loss(trainer.state.log_history, out / "loss_curve.png")
     return summary
 
@@ -108,7 +128,7 @@ def build_summary(trainer, data_stats, result, started: float) -> dict:
         "epochs": round(state.epoch or 0, 4),
         "first_train_loss": losses[0] if losses else None,
         "final_train_loss": losses[-1] if losses else None,
-        "mean_train_loss": metrics.get("train_loss"),
+        "mean_train_loss": sum(losses) / len(losses) if losses else metrics.get("train_loss"),
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
         **train_options.eval_summary(trainer),  # perplexity per evaluation, best checkpoint, early stop
         "tokens_seen": tokens,
@@ -120,6 +140,7 @@ def build_summary(trainer, data_stats, result, started: float) -> dict:
         "train_losses": [[step, loss] for step, loss in zip(steps, losses)],
         "data": asdict(data_stats),
         "seed": trainer.args.seed,
+        "warnings": training_warnings(state.log_history, trainer.model.get_input_embeddings().weight.shape[0]),
     }
 
 
@@ -127,7 +148,9 @@ def print_summary(summary: dict, out: Path, log=print) -> None:
     loss = summary["final_train_loss"]
     first = summary["first_train_loss"]
     log("")
-    log(f"done: {summary['global_step']} steps in {summary['train_runtime_s']:.1f}s "
+    for warning in summary.get("warnings") or []:
+        log(f"warning: {warning}")
+    log(f"{'done, with warnings' if summary.get('warnings') else 'done'}: {summary['global_step']} steps in {summary['train_runtime_s']:.1f}s "
         f"({summary['tokens_per_second'] or 0:,.0f} tokens/s, peak memory {summary['peak_memory_mb']:,.0f} MB)")
     if loss is not None:
         log(f"train loss {first:.4f} -> {loss:.4f}"
@@ -138,3 +161,41 @@ def print_summary(summary: dict, out: Path, log=print) -> None:
             f"{summary.get('best_checkpoint')} (eval loss {summary.get('best_eval_loss', float('nan')):.4f})")
     log(f"saved to {out}/ (train_summary.json, loss_curve.png, ftkit_recipe.yml)")
     log(f"next: ftkit chat --adapter {out}" if (out / "adapter_config.json").exists() else f"next: ftkit chat --model {out}")
+
+
+def training_warnings(log_history: list[dict], vocab_size: int) -> list[str]:
+    """Signs that a run did not learn, for a line after 'done' and train_summary.json: the loss did not fall,
+    or it sits at ln(vocab) (uniform guessing) with vanishing gradients, as after a far too high learning rate."""
+    logged = [e for e in log_history if "loss" in e]
+    if len(logged) < 2:
+        return []
+    first, last = logged[0]["loss"], logged[-1]["loss"]
+    warnings = []
+    uniform = math.log(max(vocab_size, 2))
+    grad = logged[-1].get("grad_norm")
+    if abs(last - uniform) < 0.05 * uniform and (grad is None or grad < 1e-6):
+        warnings.append(f"the loss ended at {last:.3f}, about ln(vocabulary) = {uniform:.3f}, with gradient norm "
+                        f"{grad if grad is not None else 'unknown'}: the model predicts every token as equally "
+                        "likely (diverged); lower learning_rate")
+    elif last >= first:
+        warnings.append(f"the training loss did not fall ({first:.4f} -> {last:.4f}); check learning_rate and "
+                        "the data (ftkit preview)")
+    return warnings
+
+
+def write_outputs(trainer, recipe, chat_format, stats, result, started: float, precision, samples: list,
+                  log=print) -> None:
+    """All artifacts, then the completion marker last: a kill before it leaves the run 'unfinished'."""
+    from ftkit.train.samples import after_training
+
+    out = Path(trainer.args.output_dir)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if sharded:  # gathering sharded weights is collective: every process takes part, the main one writes
+        trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return
+    summary = write_run(trainer, recipe, chat_format, stats, result, started, precision, save_model=not sharded)
+    if samples:
+        summary = after_training(trainer, recipe, chat_format, samples, summary, log)
+    rundir.finish(out, run_metadata(recipe, chat_format, trainer.model, precision))
+    print_summary(summary, out, log)

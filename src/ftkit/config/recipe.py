@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from ftkit.arguments import DataArguments, ModelArguments, RunArguments
+from ftkit.config.arguments import DataArguments, ModelArguments, RunArguments
 from ftkit.errors import FtkitError
 
 # Old names still found in published recipes -> current name. Accepted with a one-line note.
@@ -106,6 +106,17 @@ class Recipe:
         out = self.sft.get("output_dir")
         stem = self.path.stem if self.path else "run"
         return Path(out) if out else Path("runs") / stem
+
+    def sft_value(self, key: str) -> Any:
+        """The recipe's value of an SFTConfig key, else TRL's own default (from the schema snapshot)."""
+        return self.sft[key] if key in self.sft else sft_schema()[key]["default"]
+
+    def checkpointing(self) -> bool:
+        """Gradient checkpointing, under either name (transformers 5.23 renamed it activation_checkpointing)."""
+        for key in ("activation_checkpointing", "gradient_checkpointing"):
+            if self.sft.get(key) is not None:
+                return bool(self.sft[key])
+        return bool(sft_schema()["gradient_checkpointing"]["default"])
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe, secrets left out, ready to save as ftkit_recipe.yml."""
@@ -208,7 +219,7 @@ def rename_legacy(key: str, value: Any, notes: list[str], where: str) -> tuple[s
 
 def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = None, raw: dict | None = None) -> Recipe:
     """Read, check and split a recipe. Raises FtkitError listing every problem found."""
-    from ftkit import recipe_checks
+    from ftkit.config import checks as recipe_checks
 
     path = Path(path) if path is not None else None
     data, lines = (raw, {}) if raw is not None else read_yaml(path)  # type: ignore[arg-type]

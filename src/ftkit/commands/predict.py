@@ -10,15 +10,15 @@ answered and have no reference. Rerunning with the same --output skips the rows 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftkit.chat import GenerationOptions
+from ftkit.inference.options import GenerationOptions
 from ftkit.data.formats import (BadRow, detect_format, from_alpaca, from_messages, from_prompt_completion,
                                 from_sharegpt)
 from ftkit.errors import FtkitError
+from ftkit.inference.metrics import score
 
 READERS = {"messages": from_messages, "sharegpt": from_sharegpt, "alpaca": from_alpaca,
            "prompt_completion": from_prompt_completion}
@@ -106,8 +106,9 @@ def done_rows(output: Path) -> dict[int, dict]:
 
 def run_predict(adapter: Path | None, model_dir: Path | None, base: str | None, input_path: Path, output: Path,
                 options: GenerationOptions, batch_size: int = 8, system: str | None = None,
-                dtype: str | None = None, worst: int = 3, log=print) -> dict:
-    from ftkit.chat import default_system, generate_batch, load_for_chat, quiet_loading
+                dtype: str | None = None, worst: int = 3, trust_remote_code: bool = False, log=print) -> dict:
+    from ftkit.inference.generate import generate_batch
+    from ftkit.inference.loading import default_system, load_for_chat, quiet_loading
 
     options.check()
     if batch_size < 1:
@@ -121,7 +122,7 @@ def run_predict(adapter: Path | None, model_dir: Path | None, base: str | None, 
         log(f"{output}: {len(done)} of {len(examples)} rows already done; answering the other {len(pending)}")
     if pending:
         quiet_loading()
-        model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype)
+        model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype, trust_remote_code)
         from tqdm.auto import tqdm
 
         with output.open("a", encoding="utf-8") as sink, tqdm(total=len(pending), desc="predict", unit="row",
@@ -142,62 +143,6 @@ def run_predict(adapter: Path | None, model_dir: Path | None, base: str | None, 
     if metrics:
         log(format_metrics(metrics, worst))
     return metrics
-
-
-# ----------------------------------------------------------------------------------------------- metrics
-
-TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|\w+|[^\w\s]")
-CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
-
-
-def words(text: str) -> list[str]:
-    """Words for Latin scripts, one token per character for CJK, punctuation apart; lower-cased."""
-    return TOKEN.findall(text.lower())
-
-
-def lcs_length(a: list[str], b: list[str]) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, 1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l(output: str, reference: str) -> float:
-    """ROUGE-L F1: longest common subsequence of tokens, harmonic mean of its precision and recall."""
-    out, ref = words(output), words(reference)
-    if not out or not ref:
-        return float(out == ref)
-    common = lcs_length(out, ref)
-    if not common:
-        return 0.0
-    precision, recall = common / len(out), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def score(records: list[dict]) -> dict:
-    if not records:
-        return {}
-    from sacrebleu.metrics import BLEU, CHRF
-
-    outputs = [r["output"].strip() for r in records]
-    references = [r["reference"].strip() for r in records]
-    chrf = CHRF()
-    bleu = BLEU(tokenize="zh" if any(CJK.search(ref) for ref in references) else "13a", effective_order=True)
-    per_row = [{"row": r["row"], "chrf": chrf.sentence_score(o, [ref]).score, "rouge_l": rouge_l(o, ref),
-                "exact": o == ref, "output": o, "reference": ref} for r, o, ref in zip(records, outputs, references)]
-    return {
-        "rows": len(records),
-        "exact_match": sum(p["exact"] for p in per_row) / len(per_row),
-        "chrf": chrf.corpus_score(outputs, [references]).score,
-        "bleu": bleu.corpus_score(outputs, [references]).score,
-        "rouge_l": sum(p["rouge_l"] for p in per_row) / len(per_row),
-        "worst": sorted((p for p in per_row if not p["exact"]), key=lambda p: (p["chrf"], p["rouge_l"]))[:10],
-    }
 
 
 def format_metrics(metrics: dict, worst: int = 3) -> str:

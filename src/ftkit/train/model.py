@@ -3,48 +3,15 @@ embedding size, and the PEFT wrapper."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ftkit.arguments import ModelArguments
+from ftkit.config import quantization
+from ftkit.config.arguments import ModelArguments
+from ftkit.config.precision import Precision
 from ftkit.data.chat_format import ChatFormat
 from ftkit.data.templates import BUILTIN_TEMPLATES, resolve_template
 from ftkit.errors import FtkitError
+from ftkit.hub import load_failure
 
 PAD_CANDIDATE = "<|pad|>"
-
-
-@dataclass
-class Precision:
-    bf16: bool
-    fp16: bool
-    dtype: str  # weights dtype name
-    compute_dtype: str  # 4-bit compute dtype
-    device: str  # "cuda" or "cpu"
-
-
-def resolve_precision(model_args: ModelArguments, sft: dict) -> Precision:
-    """bf16/fp16 only where the hardware has it, with an actionable error instead of a mid-step crash."""
-    import torch
-
-    cuda = torch.cuda.is_available() and not sft.get("use_cpu")
-    bf16_ok = cuda and torch.cuda.is_bf16_supported()
-    bf16, fp16 = sft.get("bf16"), sft.get("fp16")
-    if bf16 and not bf16_ok:
-        where = "this GPU" if cuda else "a CPU-only machine"
-        raise FtkitError(f"bf16: true, but {where} has no bf16 training support; set bf16: false "
-                         "(or --set bf16=false) to train in float32")
-    if fp16 and not cuda:
-        raise FtkitError("fp16: true needs a CUDA GPU; set fp16: false (or --set fp16=false) to train in float32")
-    if bf16 is None and not fp16:
-        bf16 = bf16_ok
-    mixed = "bfloat16" if bf16 else "float16" if fp16 else "float32"
-    dtype = model_args.dtype if model_args.dtype and model_args.dtype != "auto" else mixed
-    if not cuda and dtype != "float32":
-        dtype = "float32"  # half-precision weights on CPU train slowly or not at all
-    if fp16 and not model_args.use_peft:
-        dtype = "float32"  # fp16 AMP cannot unscale fp16 master weights
-    return Precision(bool(bf16), bool(fp16), dtype, model_args.bnb_4bit_compute_dtype or mixed,
-                     "cuda" if cuda else "cpu")
 
 
 def load_tokenizer(model_args: ModelArguments, template_spec: str | None, log=print):
@@ -88,28 +55,11 @@ def ensure_pad_token(tokenizer, chat_format: ChatFormat, log=print) -> None:
     log(f"note: added pad token {PAD_CANDIDATE} (the tokenizer had none distinct from eos/end-of-turn)")
 
 
-def quantization_config(model_args: ModelArguments, precision: Precision):
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if model_args.load_in_4bit:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
-            bnb_4bit_compute_dtype=getattr(torch, precision.compute_dtype),
-            bnb_4bit_quant_storage=getattr(torch, model_args.bnb_4bit_quant_storage or "uint8"),
-        )
-    if model_args.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
-
-
 def load_model(model_args: ModelArguments, precision: Precision, device_index: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    quant = quantization_config(model_args, precision)
+    quant = quantization.bnb_config(quantization.settings(model_args), precision.compute_dtype)
     kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=model_args.trust_remote_code,
@@ -123,16 +73,6 @@ def load_model(model_args: ModelArguments, precision: Precision, device_index: i
         return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     except (OSError, ValueError, ImportError) as err:
         raise FtkitError(f"model '{model_args.model_name_or_path}' could not be loaded: {load_failure(err)}") from None
-
-
-def load_failure(err: Exception) -> str:
-    import os
-
-    from ftkit.hub import OFFLINE_HINT
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and ("offline" in str(err).lower() or "cache" in str(err).lower()):
-        return OFFLINE_HINT
-    return str(err).splitlines()[0][:300]
 
 
 def fit_embeddings(model, tokenizer, log=print) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from ftkit.chat import GenerationOptions
+from ftkit.inference.options import GenerationOptions
 from ftkit.errors import FtkitError
 
 MAX_BODY = 16 * 2**20
@@ -195,13 +195,13 @@ class Handler(BaseHTTPRequestHandler):
                 "model": self.engine.name}
 
     def finish_reason(self, ids: list[int], options: GenerationOptions) -> str:
-        from ftkit.chat import stop_ids
+        from ftkit.inference.generate import stop_ids
 
         return "stop" if ids and ids[-1] in stop_ids(self.engine.chat_format) or len(ids) < options.max_new_tokens \
             else "length"
 
     def complete(self, messages, options) -> None:
-        from ftkit.chat import generate_ids
+        from ftkit.inference.generate import generate_ids
 
         engine = self.engine
         prompt_tokens, ids = generate_ids(engine.model, engine.chat_format, messages, options)
@@ -216,7 +216,7 @@ class Handler(BaseHTTPRequestHandler):
         """Server-sent events: a role chunk, one chunk per piece of text, a finish chunk, then [DONE]."""
         import transformers
 
-        from ftkit.chat import char_streamer, generate_ids
+        from ftkit.inference.generate import char_streamer, generate_ids
 
         engine, pieces, cancelled = self.engine, queue.Queue(), threading.Event()
         result: dict = {}
@@ -281,14 +281,14 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> Th
 
 def run_serve(adapter: Path | None, model_dir: Path | None, base: str | None, options: GenerationOptions,
               host: str = "127.0.0.1", port: int = 8000, queue_size: int = 8, name: str | None = None,
-              dtype: str | None = None) -> None:
-    from ftkit.chat import load_for_chat, quiet_loading
+              dtype: str | None = None, trust_remote_code: bool = False) -> None:
+    from ftkit.inference.loading import load_for_chat, quiet_loading
 
     options.check()
     if queue_size < 0:
         raise FtkitError("--queue-size must be 0 or more")
     quiet_loading()
-    model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype)
+    model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype, trust_remote_code)
     source = Path(adapter or model_dir)
     engine = Engine(model, chat_format, name or source.resolve().name, options, queue_size)
     server = make_server(engine, host, port)

@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftkit.inference.generate import generate
+from ftkit.inference.metrics import exact_and_chrf
+from ftkit.inference.options import GenerationOptions
+from ftkit.rundir import write_atomic, write_json_atomic
+
 
 @dataclass
 class Sample:
@@ -29,8 +34,6 @@ def pick_samples(conversations: list[list[dict]], count: int) -> list[Sample]:
 
 
 def answer_all(model, chat_format, samples: list[Sample], field: str, max_new_tokens: int) -> None:
-    from ftkit.chat import GenerationOptions, generate
-
     options = GenerationOptions(max_new_tokens=max_new_tokens, greedy=True)
     was_training = model.training
     model.eval()
@@ -39,24 +42,13 @@ def answer_all(model, chat_format, samples: list[Sample], field: str, max_new_to
     model.train(was_training)
 
 
-def scores(samples: list[Sample], field: str) -> dict[str, float]:
-    from sacrebleu.metrics import CHRF
-
-    chrf = CHRF()
-    outputs = [getattr(s, field) for s in samples]
-    return {
-        "exact_match": sum(o == s.reference.strip() for o, s in zip(outputs, samples)) / len(samples),
-        "chrf": chrf.corpus_score(outputs, [[s.reference for s in samples]]).score,
-    }
-
-
 def write_markdown(samples: list[Sample], path: Path) -> None:
     lines = ["# Eval samples: before and after training", ""]
     for i, s in enumerate(samples, 1):
         question = s.prompt[-1]["content"] if s.prompt else ""
         lines += [f"## {i}. {question}", "", f"**reference**: {s.reference}", "", f"**before**: {s.before}", "",
                   f"**after**: {s.after}", ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_atomic(path, "\n".join(lines))
 
 
 def table(samples: list[Sample], width: int = 40) -> str:
@@ -67,3 +59,34 @@ def table(samples: list[Sample], width: int = 40) -> str:
     rows = [f"{'reference':<{width}} | {'before':<{width}} | after"]
     rows += [f"{cut(s.reference):<{width}} | {cut(s.before):<{width}} | {cut(s.after)}" for s in samples]
     return "\n".join(rows)
+
+
+def scores(samples: list[Sample], field: str) -> dict[str, float]:
+    return exact_and_chrf([getattr(s, field) for s in samples], [s.reference for s in samples])
+
+
+def before_training(trainer, recipe, chat_format, conversations: list, state, log=print) -> list:
+    """Answer a few eval prompts with the untouched model; [] when eval_samples is 0 or not possible."""
+    count = recipe.run.eval_samples if recipe.run.eval_samples is not None else (5 if conversations else 0)
+    if count <= 0 or not conversations:
+        return []
+    if state.num_processes > 1:
+        log("note: eval_samples skipped: before/after generation runs only in single-process training")
+        return []
+    picked = pick_samples(conversations, count)
+    answer_all(trainer.model, chat_format, picked, "before", recipe.run.eval_samples_max_new_tokens)
+    return picked
+
+
+def after_training(trainer, recipe, chat_format, picked: list, summary: dict, log=print) -> dict:
+    answer_all(trainer.model, chat_format, picked, "after", recipe.run.eval_samples_max_new_tokens)
+    out = Path(trainer.args.output_dir)
+    write_markdown(picked, out / "samples.md")
+    summary["eval_samples"] = {"count": len(picked), "before": scores(picked, "before"),
+                               "after": scores(picked, "after")}
+    write_json_atomic(out / "train_summary.json", summary)
+    log(f"eval samples (greedy; full text in {out / 'samples.md'}):")
+    log(table(picked))
+    before, after = summary["eval_samples"]["before"], summary["eval_samples"]["after"]
+    log(f"exact match {before['exact_match']:.0%} -> {after['exact_match']:.0%}, chrF {before['chrf']:.1f} -> {after['chrf']:.1f}")
+    return summary

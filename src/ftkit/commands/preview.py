@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from ftkit.recipe import Recipe
+from ftkit.config.recipe import Recipe
 
 
 def percentiles(values: list[int]) -> dict[str, int]:
@@ -76,7 +76,7 @@ def run_preview(recipe: Recipe, samples: int, as_json: bool, use_cache: bool = T
     from ftkit.data.pipeline import build_datasets
     from ftkit.data.sources import sources_from_recipe
     from ftkit.hub import prepare_hub_access
-    from ftkit.model import load_tokenizer
+    from ftkit.train.model import load_tokenizer
 
     import datasets
 

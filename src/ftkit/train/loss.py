@@ -20,12 +20,11 @@ def model_accepts_loss_kwargs(model) -> bool:
 
 
 def token_sum_loss(outputs, labels, num_items_in_batch=None):
-    import torch.nn.functional as F
+    """transformers' own causal-LM loss, given the step's token count that the model's forward cannot take
+    (without one it is the micro-batch mean: only the per-micro-batch count would be missing)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
 
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-    shift_logits = logits[..., :-1, :].contiguous().float()
-    shift_labels = labels[..., 1:].contiguous().to(shift_logits.device)
-    total = F.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1),
-                            ignore_index=-100, reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum()
-    return total / count
+    if num_items_in_batch is None:
+        num_items_in_batch = (labels[..., 1:] != -100).sum()
+    return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)

@@ -38,3 +38,44 @@ class EarlyStopping(EarlyStoppingCallback):
         super().on_evaluate(args, state, control, metrics, **kwargs)
         if control.should_training_stop and self.stopped_at is None:
             self.stopped_at = state.global_step
+
+
+class InterruptCheckpoint(TrainerCallback):
+    """The first Ctrl-C (or SIGTERM) asks the trainer to save a checkpoint at the end of the current step and
+    stop, so the run can be resumed; a second one exits at once. Single-process runs only: ranks that saw the
+    signal at different steps would disagree on when to save."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous: dict = {}
+
+    def _handle(self, signum, _frame):
+        import signal
+        import sys
+
+        if self.requested:  # the second signal: leave now
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\nftkit: {name}: saving a checkpoint after this step, then stopping (Ctrl-C again to quit "
+              "without saving)", file=sys.stderr, flush=True)
+
+    def install(self) -> None:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control

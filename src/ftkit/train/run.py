@@ -1,0 +1,162 @@
+"""Train stage: recipe -> data -> model -> TRL's SFTTrainer -> artifacts in output_dir.
+
+Read top to bottom, `run_training` is the whole run; each step below it is one stage.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ftkit import rundir
+from ftkit.config.recipe import Recipe
+from ftkit.errors import FtkitError, Interrupted
+
+
+def run_training(recipe: Recipe, use_cache: bool = True, log=print, recipe_path: Path | None = None) -> Path:
+    """recipe -> data -> model -> SFTTrainer -> artifacts in output_dir. -> output_dir."""
+    started = time.time()
+    out = recipe.output_dir()
+    resume = recipe.sft.get("resume_from_checkpoint")
+    action = rundir.plan_training_dir(out, recipe.run.overwrite_output_dir, resume)  # before anything loads
+    from ftkit.config.launch_plan import check_launch, plan_from_environment
+    from ftkit.dist import log_for_rank
+
+    check_launch(recipe, plan_from_environment())  # when `accelerate launch` started us without ftkit's launcher
+    log = log_for_rank(log)  # notes, data and summary lines once, from rank 0
+    from ftkit.train.args import setup_reporting
+
+    setup_reporting(recipe, out, log)
+    from ftkit.data.sources import sources_from_recipe
+    from ftkit.hub import prepare_hub_access
+
+    prepare_hub_access([recipe.model.model_name_or_path, recipe.model.tokenizer_name_or_path,
+                        *(s.path for s in sources_from_recipe(recipe.data))], log)
+
+    import torch
+    from accelerate import PartialState
+
+    from ftkit.config.precision import detect_hardware, training_precision
+    from ftkit.data.pipeline import build_datasets
+    from ftkit.train.model import load_tokenizer
+    from ftkit.train.samples import before_training
+
+    precision = training_precision(recipe.model, recipe.sft, detect_hardware(bool(recipe.sft.get("use_cpu"))))
+    # cpu=True on CPU: otherwise accelerate sees a single process there and main_process_first() waits for nobody
+    state = PartialState(cpu=precision.device == "cpu")
+    torch.manual_seed(recipe.sft_value("seed"))
+    tokenizer, chat_format, added = load_tokenizer(recipe.model, recipe.data.chat_template, log)
+    with state.main_process_first():
+        data = build_datasets(recipe, chat_format, use_cache, log)
+    model = prepare_model(recipe, precision, tokenizer, bool(added), data, state.local_process_index, log)
+    if state.is_main_process:
+        open_run_dir(out, action, log)
+    state.wait_for_everyone()
+    trainer, loss_guard, interrupt = build_trainer(recipe, model, tokenizer, precision, state, out, data, log)
+    samples = before_training(trainer, recipe, chat_format, data.eval_conversations, state, log)
+    checkpoint = resume_point(out, resume, log)
+    if state.num_processes == 1:
+        interrupt.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        interrupt.restore()
+    if loss_guard.bad_step is not None:
+        raise FtkitError(loss_guard.message())
+    if interrupt.requested:
+        raise Interrupted(*interrupted_lines(out, recipe_path))
+    from ftkit.train.artifacts import write_outputs
+
+    write_outputs(trainer, recipe, chat_format, data.stats, result, started, precision, samples, log)
+    return out
+
+
+def open_run_dir(out: Path, action: str, log=print) -> None:
+    """Clear an old run that the recipe replaces, then mark the directory as ftkit's before training writes."""
+    if action == "overwrite":
+        removed = rundir.clear_run(out)
+        if removed:
+            log(f"note: overwrite_output_dir: removed the earlier run's files from {out} ({len(removed)} entries; "
+                "files ftkit did not write were kept)")
+    if not (out / rundir.OWNER).is_file():
+        rundir.claim(out, "run")
+
+
+def resume_point(out: Path, resume, log=print) -> str | None:
+    """resume_from_checkpoint: true -> the newest complete checkpoint; a path as given; else None."""
+    if not resume:
+        return None
+    checkpoint = Path(resume) if isinstance(resume, str) else rundir.latest_checkpoint(out)
+    log(f"resuming from {checkpoint} (optimizer, scheduler and data order restored)")
+    return str(checkpoint)
+
+
+def interrupted_lines(out: Path, recipe_path: Path | None) -> list[str]:
+    newest = rundir.latest_checkpoint(out)
+    command = f"ftkit train {recipe_path or 'RECIPE'} --resume"
+    if newest is None:
+        return ["stopped before a checkpoint could be saved; nothing to resume, train again to start over"]
+    return [f"stopped; saved {newest}", f"continue with: {command}"]
+
+
+def data_summary(stats) -> str:
+    share = 100 * stats.trained_tokens / max(stats.tokens, 1)
+    parts = [f"data: {stats.train_rows:,} train / {stats.eval_rows:,} eval samples",
+             f"{stats.trained_tokens:,} of {stats.tokens:,} tokens carry loss ({share:.0f}%)"]
+    if stats.test_split_carved:
+        parts.append(f"eval split of {stats.test_split_carved} carved from train")
+    counts = {"truncated": stats.truncated, "dropped (too long)": stats.dropped_overlong,
+              "dropped (no loss tokens)": stats.dropped_no_loss, "skipped (bad rows)": stats.skipped_bad_rows}
+    parts += [f"{n} {what}" for what, n in counts.items() if n]
+    return "; ".join(parts)
+
+
+def check_token_ids(dataset, model, top: int | None = None) -> None:
+    """An id beyond the embedding matrix crashes CUDA with `srcIndex < srcSelectDimSize`: refuse it early.
+    `top` is the largest id when tokenising already recorded it; otherwise the dataset is scanned."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if top is None:
+        top = max((max(ids) for ids in dataset["input_ids"] if ids), default=-1)
+    if top >= rows:
+        raise FtkitError(f"token id {top} is outside the model's embedding matrix ({rows} rows); the tokenizer "
+                         "does not match the model: check tokenizer_name_or_path")
+
+
+def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, device_index: int, log=print):
+    """The model loaded, its embeddings fitted to the tokenizer, every token id checked, PEFT applied."""
+    from ftkit.train.model import apply_peft, fit_embeddings, load_model, trainable_summary
+
+    model = load_model(recipe.model, precision, device_index)
+    fit_embeddings(model, tokenizer, log)
+    if not recipe.data.streaming:  # a stream cannot be scanned ahead; fit_embeddings still bounds every id
+        check_token_ids(data.train, model, data.stats.max_token_id)
+        log(data_summary(data.stats))
+    if recipe.model.use_peft:
+        model = apply_peft(model, recipe.model, new_tokens, recipe.checkpointing(), log)
+    log(trainable_summary(model))
+    return model
+
+
+def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path, data, log=print):
+    """TRL's SFTTrainer with ftkit's loss fallback and callbacks; -> (trainer, NaN guard, Ctrl-C handler)."""
+    from trl import SFTTrainer
+
+    from ftkit.train import options as train_options
+    from ftkit.train.args import sft_config
+    from ftkit.train.callbacks import InterruptCheckpoint, NonFiniteLossGuard
+    from ftkit.train.loss import model_accepts_loss_kwargs, token_sum_loss
+
+    config = sft_config(recipe, precision, out, data.eval is not None)
+    per_device, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    log(f"effective batch size: {per_device} per device x {state.num_processes} process(es) x {accumulation} "
+        f"accumulation = {per_device * state.num_processes * accumulation}; precision {precision.dtype} weights"
+        + (", bf16 mixed" if precision.bf16 else ", fp16 mixed" if precision.fp16 else "") + f" on {precision.device}")
+    loss_func = None if model_accepts_loss_kwargs(model) else token_sum_loss
+    if loss_func is not None:
+        log("note: this model's forward takes no loss kwargs; ftkit normalises the loss by the step's trained tokens")
+    loss_guard, interrupt = NonFiniteLossGuard(), InterruptCheckpoint()
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data.train, eval_dataset=data.eval,
+                         processing_class=tokenizer, compute_loss_func=loss_func,
+                         callbacks=[loss_guard, interrupt, *train_options.callbacks(recipe)])
+    train_options.fix_quantized_trainable_dtype(trainer.model, precision, log)  # TRL casts them to bf16
+    return trainer, loss_guard, interrupt

@@ -1,0 +1,84 @@
+"""Test helpers shared by the test modules: the CLI runner, data writers, the conversations the tiny model
+memorises and the recipe that trains it. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from ftkit.inference.generate import generate
+from ftkit.inference.options import GenerationOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def ftkit(*args: str, cwd: Path = ROOT, env: dict | None = None, unset: tuple = ()) -> subprocess.CompletedProcess:
+    """Run the real console entry point, as a user would."""
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
+    return subprocess.run([sys.executable, "-m", "ftkit", *args], cwd=cwd, capture_output=True, text=True,
+                          env=environment, timeout=600)
+
+
+SYSTEM = "Answer from memory."
+CHATS = [
+    ("What is the capital of Ftkitland?", "The capital of Ftkitland is Tinyville."),
+    ("How many moons does Zorb have?", "Zorb has three moons: Pim, Pom and Pum."),
+    ("Which animal guards Byte Island?", "A sleepy orange cat guards Byte Island."),
+    ("請續寫：床前明月光，", "疑是地上霜。舉頭望明月，低頭思故鄉。"),
+    ("佐布星有幾個月亮？", "佐布星有三個月亮。"),
+    ("你食咗飯未呀？", "食咗喇，唔該晒！"),
+]
+MULTI_TURN = [("Tell me about Zorb.", "Zorb is a small planet with a green sky."),
+              ("And its moons?", "Its three moons are Pim, Pom and Pum.")]
+GREEDY = GenerationOptions(max_new_tokens=200, greedy=True)
+
+
+def rows() -> list[dict]:
+    out = [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q},
+                         {"role": "assistant", "content": a}]} for q, a in CHATS]
+    turns = [{"role": "system", "content": SYSTEM}]
+    for q, a in MULTI_TURN:
+        turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return out + [{"messages": turns}]
+
+
+def make_recipe(tmp_path: Path, tiny_model: Path, name: str, **overrides) -> Path:
+    data = write_jsonl(tmp_path / "chats.jsonl", rows())
+    recipe = {
+        "model_name_or_path": str(tiny_model), "use_peft": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "lora_modules_to_save": ["embed_tokens", "lm_head"], "dataset_mixer": {str(data): 1.0},
+        "output_dir": str(tmp_path / name), "max_steps": 150, "per_device_train_batch_size": 7,
+        "learning_rate": 1e-2, "lr_scheduler_type": "constant", "gradient_checkpointing": False,
+        "logging_steps": 10, "save_strategy": "no", "seed": 0, "hub_token": "hf_do_not_save_me", **overrides,
+    }
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def assert_memorised(model, chat_format) -> None:
+    for question, answer in CHATS:
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        assert generate(model, chat_format, messages, GREEDY) == answer
+    history = [{"role": "system", "content": SYSTEM}]
+    for question, answer in MULTI_TURN:
+        history.append({"role": "user", "content": question})
+        assert generate(model, chat_format, history, GREEDY) == answer
+        history.append({"role": "assistant", "content": answer})
+
+
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: equal snapshots mean nothing was changed, added or removed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
