@@ -38,8 +38,10 @@ def merge_dtype(dtype: str | None, base_name: str, trust: bool):
 
 
 def run_merge(adapter: Path, output: Path, base: str | None = None, dtype: str | None = None,
-              max_shard_size: str = "5GB", overwrite: bool = False, log=print) -> Path:
-    from ftkit.inference.loading import load_adapter_model, open_tokenizer, quiet_loading
+              max_shard_size: str = "5GB", overwrite: bool = False, trust_remote_code: bool = False,
+              log=print) -> Path:
+    from ftkit.inference.loading import check_remote_code, load_adapter_model, open_tokenizer, quiet_loading
+    from ftkit.rundir import require_finished
     from ftkit.rundir import run_file, run_metadata
 
     adapter, output = Path(adapter), Path(output)
@@ -53,14 +55,16 @@ def run_merge(adapter: Path, output: Path, base: str | None = None, dtype: str |
         raise FtkitError(f"{output}: already exists and is not empty; choose another --output or pass --overwrite")
     if output.resolve() in (adapter.resolve(), adapter.resolve().parent):
         raise FtkitError(f"{output}: would overwrite the run being merged; choose another --output")
+    require_finished(adapter)
     quiet_loading()
     meta = run_metadata(adapter)
+    check_remote_code(meta, trust_remote_code)
     base_name = base or json.loads(config_path.read_text())["base_model_name_or_path"]
-    trust = bool(meta.get("trust_remote_code"))
-    torch_dtype = merge_dtype(dtype, base_name, trust)
+    torch_dtype = merge_dtype(dtype, base_name, trust_remote_code)
     tokenizer = open_tokenizer(adapter)
     log(f"loading {base_name} ({str(torch_dtype).removeprefix('torch.')}, unquantised) with the adapter from {adapter}")
-    model = load_adapter_model(adapter, base, meta, tokenizer, torch_dtype, quant=None)
+    model = load_adapter_model(adapter, base, meta, tokenizer, torch_dtype, quant=None,
+                               trust_remote_code=trust_remote_code)
     model = model.merge_and_unload(safe_merge=True)
     untie_if_diverged(model)
     model.config.use_cache = True
