@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-import runpy
+import os
+
+# One OpenMP thread per process: the tiny model gains nothing from more, and with other jobs on the cores
+# (the 2-process tests, a busy CI machine) oversubscribed threads spin-wait and slow training many times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import runpy  # noqa: E402
 from pathlib import Path
 
 import pytest

@@ -117,6 +117,14 @@ def test_yaml_strings_for_numbers_are_accepted(tmp_path, data_file):
     assert recipe.sft["learning_rate"] == pytest.approx(1e-4) and recipe.sft["max_steps"] == 10
 
 
+def test_yaml_no_for_a_strategy_means_the_string_no(tmp_path, data_file):
+    """YAML 1.1 reads an unquoted `no` as false; for a string key like save_strategy the user meant "no"."""
+    recipe = load_recipe(base(tmp_path, data_file, "save_strategy: no\neval_strategy: off\n"), ["logging_strategy=no"])
+    assert (recipe.sft["save_strategy"], recipe.sft["logging_strategy"]) == ("no", "no")
+    assert problems(base(tmp_path, data_file, "eval_strategy: yes\n"))[0].endswith(
+        "'eval_strategy': 'yes' is not one of: no, steps, epoch")
+
+
 def test_each_key_has_exactly_one_owner():
     sections = [set(f.name for f in dataclasses.fields(c)) for c in (ModelArguments, DataArguments, RunArguments)]
     sft = set(sft_schema())

@@ -145,6 +145,8 @@ def coerce(value: Any, kinds: list[str]) -> Any:
         return int(number) if "int" in kinds and "float" not in kinds and number.is_integer() else number
     if kind == "int" and "int" not in kinds and "float" in kinds:
         return float(value)
+    if kind == "bool" and "bool" not in kinds and "str" in kinds:
+        return "yes" if value else "no"  # YAML 1.1 reads `save_strategy: no` as false; the user meant "no"
     if kind == "str" and "list" in kinds and "str" not in kinds:
         return [value]
     return value
