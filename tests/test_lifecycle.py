@@ -182,3 +182,24 @@ def test_a_diverged_run_ends_with_a_warning(tiny_model, tmp_path):
     assert summary["warnings"], summary["train_losses"]
     assert f"warning: {summary['warnings'][0]}" in result.stdout
     assert "done, with warnings:" in result.stdout
+
+
+def test_a_copied_run_cannot_turn_on_remote_code_by_itself(tmp_path, trained_run):
+    """ftkit_run.json records trust_remote_code: true from the recipe; chat & co. still need the user's flag."""
+    import shutil
+
+    run = tmp_path / "copied"
+    shutil.copytree(trained_run, run)
+    meta = json.loads((run / "ftkit_run.json").read_text())
+    (run / "ftkit_run.json").write_text(json.dumps({**meta, "trust_remote_code": True}))
+    expected = ["ftkit: error: this run's model needs its own Python code from the hub (the recipe had "
+                "trust_remote_code: true); pass --trust-remote-code to run that code now"]
+    for verb in (["chat", "--adapter", str(run), "--prompt", "hi"],
+                 ["merge", "--adapter", str(run), "--output", str(tmp_path / "m")],
+                 ["predict", "--adapter", str(run), "--input", str(ROOT / "recipes/data/tiny_demo.jsonl"),
+                  "--output", str(tmp_path / "p.jsonl")]):
+        result = ftkit(*verb)
+        assert (result.returncode, result.stderr.splitlines()) == (2, expected), verb
+    allowed = ftkit("chat", "--adapter", str(run), "--prompt", "hi", "--trust-remote-code", "--max-new-tokens", "2")
+    assert allowed.returncode == 0, allowed.stderr[-2000:]  # a local Llama has no remote code: it loads as usual
+    assert not (tmp_path / "m").exists() and not (tmp_path / "p.jsonl").exists()
