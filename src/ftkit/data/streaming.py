@@ -10,6 +10,7 @@ from ftkit.data.chat_format import ChatFormat
 from ftkit.data.formats import BadRow, detect_format, to_internal
 from ftkit.data.loading import BUILDERS, is_eval_split, local_files
 from ftkit.data.sources import SourceSpec, data_seed, sources_from_recipe
+from ftkit.data.tokenize import DataStats, Prepared, encode_batch
 from ftkit.errors import FtkitError
 
 SHUFFLE_BUFFER = 10_000
@@ -50,8 +51,6 @@ def normalised(stream, spec: SourceSpec, system_prompt: str | None, on_bad_rows:
 
 def build_streaming(recipe, chat_format: ChatFormat, log=print):
     import datasets
-
-    from ftkit.data.pipeline import DataStats, Prepared, encode_batch
 
     d = recipe.data
     seed = data_seed(recipe)
