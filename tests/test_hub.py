@@ -41,9 +41,9 @@ def test_unreachable_hub_switches_to_offline_mode_with_one_note(unreachable_hub,
     import huggingface_hub.constants
 
     notes: list[str] = []
-    hub.prepare_hub_access([str(tmp_path), None, "ftkit-test/not-cached"], log=notes.append)
+    hub.prepare_hub_access([str(tmp_path), None, "someorg/somemodel"], log=notes.append)
     assert notes == ["note: the Hugging Face Hub is not reachable; using only locally cached files for "
-                     "ftkit-test/not-cached"]
+                     "someorg/somemodel"]
     assert os.environ["HF_HUB_OFFLINE"] == "1" and huggingface_hub.constants.HF_HUB_OFFLINE is True
 
 
@@ -58,10 +58,10 @@ def test_a_hub_model_then_fails_at_once_with_the_offline_hint(unreachable_hub):
     from ftkit.errors import FtkitError
     from ftkit.train.model import load_tokenizer
 
-    hub.prepare_hub_access(["ftkit-test/not-cached"], log=lambda *_: None)
+    hub.prepare_hub_access(["someorg/somemodel"], log=lambda *_: None)
     with pytest.raises(FtkitError) as err:
-        load_tokenizer(ModelArguments(model_name_or_path="ftkit-test/not-cached"), None, log=lambda *_: None)
-    assert str(err.value) == f"tokenizer 'ftkit-test/not-cached' could not be loaded: {hub.OFFLINE_HINT}"
+        load_tokenizer(ModelArguments(model_name_or_path="someorg/somemodel"), None, log=lambda *_: None)
+    assert str(err.value) == f"tokenizer 'someorg/somemodel' could not be loaded: {hub.OFFLINE_HINT}"
 
 
 def test_probe_after_a_bare_huggingface_hub_import(tmp_path):
@@ -70,7 +70,7 @@ def test_probe_after_a_bare_huggingface_hub_import(tmp_path):
     import sys
 
     code = ("import os, huggingface_hub; from ftkit.hub import prepare_hub_access; "
-            "prepare_hub_access(['ftkit-test/not-cached']); "
+            "prepare_hub_access(['someorg/somemodel']); "
             "from huggingface_hub import constants; print(os.environ['HF_HUB_OFFLINE'], constants.HF_HUB_OFFLINE)")
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "HF_HOME": str(tmp_path)}
     env.pop("HF_HUB_OFFLINE", None)
