@@ -182,3 +182,56 @@ def test_per_source_system_prompt_wins_over_the_recipe_one(tmp_path):
                                "error", 0, None)
     systems = sorted(row["messages"][0]["content"] for row in train)
     assert systems == ["from recipe", "from source"]
+
+
+# Each built-in template rendering system "S" (none for gemma, which has no system role), user "Hi" and assistant
+# "Hello", then the prompt for that answer: the exact text training and chat use (token caches key on it).
+RENDERED = {
+    "chatml": ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n",
+               "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    "llama3": ("<s><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+               "Hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>",
+               "<s><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+               "Hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "gemma": ("<s><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n",
+              "<s><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"),
+    "llama2": ("<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nHi [/INST] Hello </s>", "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nHi [/INST]"),
+    "alpaca": ("S\n\n### Instruction:\nHi\n\n### Response:\nHello</s>\n\n", "S\n\n### Instruction:\nHi\n\n### Response:\n"),
+}
+
+
+@pytest.mark.parametrize("name", list(RENDERED))
+def test_builtin_templates_render_exactly(name):
+    """Rendered as transformers renders chat templates (sandboxed Jinja, trim_blocks, lstrip_blocks)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from ftkit.data.templates import BUILTIN_TEMPLATES
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(BUILTIN_TEMPLATES[name])
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    chat = chat[1:] if name == "gemma" else chat
+    tokens = dict(bos_token="<s>", eos_token="</s>", raise_exception=raise_exception)
+    full = template.render(messages=chat, add_generation_prompt=False, **tokens)
+    prompt = template.render(messages=chat[:-1], add_generation_prompt=True, **tokens)
+    assert (full, prompt) == RENDERED[name]
+
+
+def test_builtin_templates_are_the_package_jinja_files_and_need_no_torch():
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    code = ("import json, sys; from ftkit.data.templates import BUILTIN_TEMPLATES, resolve_template; "
+            "print(json.dumps([BUILTIN_TEMPLATES, resolve_template('gemma'), "
+            "[m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    templates, gemma, heavy = json.loads(result.stdout)
+    folder = ROOT / "src" / "ftkit" / "data" / "templates"
+    files = {p.stem: p.read_text(encoding="utf-8") for p in folder.glob("*.jinja")}
+    assert list(templates) == ["chatml", "llama3", "gemma", "llama2", "alpaca"]  # the order errors list them in
+    assert templates == {name: text.removesuffix("\n") for name, text in files.items()}
+    assert gemma == templates["gemma"] and heavy == []
