@@ -137,9 +137,10 @@ def sft_config_for(tmp_path, tiny_model, **overrides):
 # step is the rate that step used), and a param_groups key only that optimizer has.
 SCHEDULES = {
     "cosine_with_restarts": ({"optim": "sgd", "lr_scheduler_kwargs": {"num_cycles": 2}},  # restarts at step 7
-                             [0.0, 5e-3, 1e-2, 8.5355e-3, 5e-3, 1.4645e-3, 1e-2, 8.5355e-3, 5e-3, 1.4645e-3], "momentum"),
-    "warmup_stable_decay": ({"optim": "adafactor", "lr_scheduler_kwargs": {"num_decay_steps": 4, "decay_type": "linear",
-                                                                           "min_lr_ratio": 0.1}},  # 2 up, 4 flat, 4 down
+                             [0.0, 5e-3, 1e-2, 8.5355e-3, 5e-3, 1.4645e-3, 1e-2, 8.5355e-3, 5e-3, 1.4645e-3],
+                             "momentum"),
+    "warmup_stable_decay": ({"optim": "adafactor",  # 2 steps up from 10%, 4 flat, 4 down to 10%
+                             "lr_scheduler_kwargs": {"num_decay_steps": 4, "decay_type": "linear", "min_lr_ratio": 0.1}},
                             [1e-3, 5.5e-3, 1e-2, 1e-2, 1e-2, 1e-2, 1e-2, 7.75e-3, 5.5e-3, 3.25e-3], "scale_parameter"),
     "polynomial": ({"optim": "adamw_torch", "lr_scheduler_kwargs": {"power": 2.0, "lr_end": 1e-3}},
                    [0.0, 5e-3] + [9e-3 * (1 - k / 8) ** 2 + 1e-3 for k in range(8)], "betas"),
@@ -164,8 +165,8 @@ def test_recipe_optimizer_and_schedule_reach_the_trainer(schedule, tiny_model, t
     assert optimizer_key in optimizer["param_groups"][0] and not others & set(optimizer["param_groups"][0])
 
 
-@pytest.mark.parametrize("key, typo, suggestion", [("optim", "adamw_torh", "adamw_torch"),
-                                                   ("lr_scheduler_type", "cosine_with_restart", "cosine_with_restarts")])
+@pytest.mark.parametrize("key, typo, suggestion", [
+    ("optim", "adamw_torh", "adamw_torch"), ("lr_scheduler_type", "cosine_with_restart", "cosine_with_restarts")])
 def test_unknown_optimizer_or_schedule_is_one_line_with_did_you_mean(key, typo, suggestion, tiny_model, tmp_path):
     path = make_recipe(tmp_path, tiny_model, "typo", **{key: typo})
     result = ftkit("validate", str(path))
