@@ -64,7 +64,9 @@ def test_ftkit_chat_model_answers_from_the_merged_dir(merged, capsys):
     from ftkit.cli import main
 
     _, out = merged
-    main(["chat", "--model", str(out), "--system", SYSTEM, "--prompt", CHATS[4][0], "--greedy"])
+    with pytest.raises(SystemExit) as done:  # main() always leaves with the exit status
+        main(["chat", "--model", str(out), "--system", SYSTEM, "--prompt", CHATS[4][0], "--greedy"])
+    assert done.value.code == 0
     assert capsys.readouterr().out == CHATS[4][1] + "\n"
 
 
