@@ -45,6 +45,16 @@ def hub_recipe(tmp_path: Path) -> Path:
     return path
 
 
+def cache_model_config(hf_home: Path, repo_id: str, config: dict) -> None:
+    """Put `config` where huggingface_hub's cache keeps repo_id's config.json, as a download would have."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(config))
+
+
 def run(tmp_path, config, **keys) -> dict:
     recipe = load_recipe(recipe_for(tmp_path, config, **keys))
     return estimate(json.loads((Path(recipe.model.model_name_or_path) / "config.json").read_text()),
@@ -181,26 +191,70 @@ def test_hub_model_not_reachable_is_one_clear_line(tmp_path):
 
 def test_hub_config_from_the_local_cache(tmp_path):
     """A hub id whose config.json is in the Hugging Face cache is estimated offline."""
-    repo = tmp_path / "hf" / "hub" / "models--google--gemma-2b"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
-    snapshot = repo / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text(json.dumps(GEMMA_2B))
+    cache_model_config(tmp_path / "hf", "google/gemma-2b", GEMMA_2B)
     path = hub_recipe(tmp_path)
     result = ftkit("estimate", str(path), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 0, result.stderr
     assert "2,506,172,416 parameters" in result.stdout and "(hub, cached)" in result.stdout
 
 
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yml")), ids=lambda p: p.name)
-def test_every_recipe_estimates_or_says_why_not(recipe, tmp_path):
+# Each seed recipe's model: its config.json (the published one, trimmed to what the estimate reads), its
+# published parameter count, and the trainable parameters its LoRA settings give, counted by hand:
+# r x (fan_in + fan_out) per targeted linear per layer, plus vocab x hidden per lora_modules_to_save copy.
+BAICHUAN2_7B = {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 4096,
+                "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32, "vocab_size": 125696,
+                "tie_word_embeddings": False, "hidden_act": "silu"}
+BREEZE_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+             "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
+             "vocab_size": 61952, "tie_word_embeddings": False}
+PYTHIA_70M = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 512,
+              "num_hidden_layers": 6, "intermediate_size": 2048, "num_attention_heads": 8, "vocab_size": 50304,
+              "tie_word_embeddings": False, "rotary_pct": 0.25, "use_parallel_residual": True}
+SEED_RECIPES = {  # recipe -> (config.json, parameters, trainable parameters, fits on a 24 GB card, on 40 GB)
+    "baichuan2_7b_firefly_qlora.yml": (BAICHUAN2_7B, 7_505_973_248,  # r=64 on W_pack, o_proj and the MLP
+                                       32 * 64 * ((4096 + 12288) + (4096 + 4096) + 3 * (4096 + 11008)), False, True),
+    "breeze7b_tang_poem_qlora.yml": (BREEZE_7B, 7_487_098_880,  # r=8 on q, k, v, o and the MLP
+                                     32 * 8 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336)), True, True),
+    "gemma2b_yue_alpaca_lora.yml": (GEMMA_2B, 2_506_172_416,  # r=8 on all seven, + embed_tokens and lm_head copies
+                                    18 * 8 * (2 * (2048 + 2048) + 2 * (2048 + 256) + 3 * (2048 + 16384))
+                                    + 2 * 256000 * 2048, True, True),
+    "llama3_8b_ptt_qlora_neftune.yml": (LLAMA3_8B, 8_030_261_248,  # r=32 on q, k, v, o
+                                        32 * 32 * (2 * (4096 + 4096) + 2 * (4096 + 1024)), True, True),
+    "pythia70m_lamini_full.yml": (PYTHIA_70M, 70_426_624, 70_426_624, True, True),  # full fine-tune
+    "tiny-demo.yml": (None, 205_120, 2 * 8 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128)) + 2 * 1024 * 64,
+                      True, True),
+}
+
+
+UNQUANTISED_WEIGHT_BYTES = {"gemma2b_yue_alpaca_lora.yml": 2, "pythia70m_lamini_full.yml": 4,  # bf16: false
+                            "tiny-demo.yml": 2}  # bf16 on a GPU by default
+
+
+def test_every_seed_recipe_has_a_model_config_here():
+    assert sorted(p.name for p in (ROOT / "recipes").glob("*.yml")) == sorted(SEED_RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(SEED_RECIPES))
+def test_every_seed_recipe_estimates(name, tiny_model, tmp_path):
+    """The recipes as shipped, their hub model's config.json in a Hugging Face cache (offline); tiny-demo's
+    models/tiny is built here."""
+    config, parameters, trainable, fits_24, fits_40 = SEED_RECIPES[name]
+    recipe = ROOT / "recipes" / name
     model = yaml.safe_load(recipe.read_text())["model_name_or_path"]
-    result = ftkit("estimate", str(recipe), env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    if (ROOT / model / "config.json").is_file() or (Path(model) / "config.json").is_file():
-        assert result.returncode == 0, result.stderr
-        assert "total, one training process" in result.stdout
-    else:  # a hub model (not cached here) or a local model not built yet: one line, exit 2
-        assert result.returncode == 2
-        errors = [line for line in result.stderr.splitlines() if line.startswith("ftkit: error:")]
-        assert len(errors) == 1 and model in errors[0], result.stderr
+    sets = ["--set", f"model_name_or_path={tiny_model}"] if config is None else []
+    if config is not None:
+        cache_model_config(tmp_path / "hf", model, config)
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = ftkit("estimate", str(recipe), *sets, "--json", env=offline)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert (figures["parameters"], figures["trainable_parameters"]) == (parameters, trainable)
+    assert (figures["fits"]["24 GB (RTX 4090, A10G, L4)"], figures["fits"]["40 GB (A100 40GB)"]) == (fits_24, fits_40)
+    assert figures["notes"] == []
+    if name in UNQUANTISED_WEIGHT_BYTES:  # every parameter at the training dtype
+        assert figures["bytes"]["weights"] == UNQUANTISED_WEIGHT_BYTES[name] * parameters
+    else:  # QLoRA, nested: 4-bit linears with an 8-bit scale per 64 weights; untied embeddings and norms in float32
+        hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+        other = 2 * config["vocab_size"] * hidden + (2 * layers + 1) * hidden
+        linear = parameters - other
+        assert figures["bytes"]["weights"] == pytest.approx(linear * (0.5 + (1 + 4 / 256) / 64) + other * 4)

@@ -64,7 +64,9 @@ def test_ftkit_chat_model_answers_from_the_merged_dir(merged, capsys):
     from ftkit.cli import main
 
     _, out = merged
-    main(["chat", "--model", str(out), "--system", SYSTEM, "--prompt", CHATS[4][0], "--greedy"])
+    with pytest.raises(SystemExit) as done:  # main() always leaves with the exit status
+        main(["chat", "--model", str(out), "--system", SYSTEM, "--prompt", CHATS[4][0], "--greedy"])
+    assert done.value.code == 0
     assert capsys.readouterr().out == CHATS[4][1] + "\n"
 
 
@@ -102,3 +104,85 @@ def test_merge_refuses_to_overwrite_and_full_runs(merged, tmp_path):
 
     with pytest.raises(FtkitError, match="nothing to merge"):
         run_merge(out, tmp_path / "again")
+
+
+# ------------------------------------------------------------------- QLoRA adapters and tied-embedding bases
+
+def tied_base(tiny_model, out):
+    """The tiny model's architecture and tokenizer with tie_word_embeddings=True (one matrix for embed_tokens
+    and lm_head), built as scripts/make_tiny_model.py builds it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+def train_and_merge(tmp, base, name: str, **overrides):
+    """A short LoRA run (embed_tokens and lm_head trained in full, as make_recipe says), merged by `ftkit merge`."""
+    from ftkit.config.recipe import load_recipe
+    from ftkit.train.run import run_training
+    from tests.helpers import make_recipe
+
+    run = run_training(load_recipe(make_recipe(tmp, base, name, max_steps=20, **overrides)), log=lambda *_: None)
+    out = tmp / f"{name}-merged"
+    result = ftkit("merge", "--adapter", str(run), "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, out
+
+
+def logits_of(base, run, merged):
+    """(the adapter on the unquantised float32 base, plain peft; the merged dir in plain transformers; the base
+    alone) on a trained conversation."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    text = tokenizer.apply_chat_template(conversation(CHATS[1][0]) + [{"role": "assistant", "content": CHATS[1][1]}],
+                                         tokenize=False)
+    batch = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        alone = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()(**batch).logits
+        base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        adapter = PeftModel.from_pretrained(base_model, str(run)).eval()(**batch).logits
+        plain = AutoModelForCausalLM.from_pretrained(merged).eval()(**batch).logits
+    return adapter, plain, alone
+
+
+@pytest.mark.slow
+def test_qlora_adapter_merges_into_the_unquantised_base(tiny_model, tmp_path):
+    """A 4-bit-trained adapter folds into the full-precision base: a plain float32 transformers model whose logits
+    are the adapter's on that base."""
+    import torch
+
+    run, out = train_and_merge(tmp_path, tiny_model, "qlora", load_in_4bit=True)
+    assert json.loads((run / "ftkit_run.json").read_text())["load_in_4bit"] is True
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    adapter, plain, alone = logits_of(tiny_model, run, out)
+    assert (plain - alone).abs().max() > 0.1  # the adapter changed the model, so equality below means something
+    assert torch.allclose(plain, adapter, atol=1e-4, rtol=0), (plain - adapter).abs().max()
+
+
+@pytest.mark.slow
+def test_tied_embeddings_trained_apart_are_both_kept(tiny_model, tmp_path):
+    """A tied base whose embed_tokens and lm_head were trained as separate modules_to_save copies: the merged
+    model is untied and keeps both trained matrices."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = tied_base(tiny_model, tmp_path / "tied-base")
+    run, out = train_and_merge(tmp_path, base, "tied")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    weights = load_file(out / "model.safetensors")
+    assert not torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+    adapter, plain, alone = logits_of(base, run, out)
+    assert (plain - alone).abs().max() > 0.1
+    assert torch.allclose(plain, adapter, atol=1e-4, rtol=0), (plain - adapter).abs().max()

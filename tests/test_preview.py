@@ -108,3 +108,25 @@ def test_preview_of_the_demo_recipe(tiny_model, capsys, monkeypatch):
                           "--set", f"dataset_mixer={{{ROOT / 'recipes/data/tiny_demo.jsonl'}: 1.0}}", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["train_samples"] == 24
+
+
+def test_unreachable_hub_dataset_fails_at_once_with_the_offline_hint(tmp_path, tiny_model):
+    """The hub probe runs before datasets is imported (datasets reads HF_HUB_OFFLINE once, at import): with the
+    hub unreachable, a hub dataset that is not cached is one line with the offline hint, not a connection retry."""
+    import socket
+
+    from ftkit.hub import OFFLINE_HINT
+    from tests.helpers import ftkit
+
+    with socket.socket() as s:  # a local port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "r.yml"
+    path.write_text(f"model_name_or_path: {tiny_model}\ndataset_name: someorg/somedata\n", encoding="utf-8")
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf")}
+    result = ftkit("preview", str(path), "--json", env=env, unset=("HF_HUB_OFFLINE",))
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.startswith(("note:", "ftkit:"))] == [
+        "note: the Hugging Face Hub is not reachable; using only locally cached files for someorg/somedata",
+        f"ftkit: error: dataset 'someorg/somedata' could not be loaded: {OFFLINE_HINT}"]
+    assert "Traceback" not in result.stderr and result.stdout == ""

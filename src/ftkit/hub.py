@@ -27,11 +27,14 @@ def looks_local(name: str) -> bool:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    """Can a TCP connection be opened to HF_ENDPOINT's host and port (a mirror may serve http on any port)?"""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+        socket.create_connection((host, port), timeout=timeout).close()
         return True
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a port that is not a number
         return False
 
 
@@ -44,8 +47,8 @@ def prepare_hub_access(names: list[str | None], log=print) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
         import sys
 
-        if "huggingface_hub" in sys.modules:  # already imported: its constants were read at import time
-            sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+        if "huggingface_hub.constants" in sys.modules:  # already imported: it read the variable at import time
+            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
         log(f"note: the Hugging Face Hub is not reachable; using only locally cached files for {', '.join(hub_names)}")
 
 

@@ -73,20 +73,21 @@ def render_sample(tokenizer, input_ids: list[int], labels: list[int]):
 def run_preview(recipe: Recipe, samples: int, as_json: bool, use_cache: bool = True) -> None:
     import sys
 
-    from ftkit.data.pipeline import build_datasets
     from ftkit.data.sources import sources_from_recipe
     from ftkit.hub import prepare_hub_access
-    from ftkit.train.model import load_tokenizer
-
-    import datasets
-
-    datasets.disable_progress_bars()
 
     def note(message: str) -> None:
         print(message, file=sys.stderr)
 
+    # The probe first: datasets and huggingface_hub read HF_HUB_OFFLINE once, when they are imported.
     prepare_hub_access([recipe.model.model_name_or_path, recipe.model.tokenizer_name_or_path,
                         *(s.path for s in sources_from_recipe(recipe.data))], note)
+    import datasets
+
+    from ftkit.data.pipeline import build_datasets
+    from ftkit.train.model import load_tokenizer
+
+    datasets.disable_progress_bars()
     tokenizer, chat_format, _ = load_tokenizer(recipe.model, recipe.data.chat_template, note)
     prepared = build_datasets(recipe, chat_format, use_cache, note)
     stats = statistics(prepared)

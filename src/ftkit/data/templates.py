@@ -1,45 +1,30 @@
-"""Built-in chat templates and resolving a recipe's `chat_template` to Jinja text (no torch import)."""
+"""Built-in chat templates and resolving a recipe's `chat_template` to Jinja text (no torch import).
+
+Each built-in is `templates/NAME.jinja` beside this module (package data), read once at import. The files
+end with a newline for editors' sake; the template text is the file without it, so token caches keyed on
+the text stay valid.
+"""
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-LLAMA3 = (
-    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
-    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
-GEMMA = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
-)
-# Llama-2 chat (seed 001's [INST] <<SYS>> format): no generation-prompt branch, system folded into turn one.
-LLAMA2 = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
-    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
-)
-# Alpaca, for base models without a template (seed 003): every answer ends with eos, so the model learns to stop.
-ALPACA = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
-)
-BUILTIN_TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "gemma": GEMMA, "llama2": LLAMA2, "alpaca": ALPACA}
+# chatml, llama3, gemma: the families' own formats. llama2: Llama-2 chat (seed 001's [INST] <<SYS>> format), no
+# generation-prompt branch, system folded into turn one. alpaca: for base models without a template (seed 003):
+# every answer ends with eos, so the model learns to stop. The order is the one error messages list them in.
+BUILTIN_NAMES = ("chatml", "llama3", "gemma", "llama2", "alpaca")
+
+
+def builtin_template(name: str) -> str:
+    """The text of built-in template `name` (KeyError if there is none)."""
+    if name not in BUILTIN_NAMES:
+        raise KeyError(name)
+    text = (files("ftkit.data") / "templates" / f"{name}.jinja").read_text(encoding="utf-8")
+    return text.removesuffix("\n")
+
+
+BUILTIN_TEMPLATES: dict[str, str] = {name: builtin_template(name) for name in BUILTIN_NAMES}
 
 
 def resolve_template(spec: str | None) -> str | None:
