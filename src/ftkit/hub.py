@@ -90,6 +90,12 @@ def _load_json(file: Path) -> dict:
 
 def load_failure(err: Exception) -> str:
     """The first line of a loading error, or the offline hint when offline mode is why it failed."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and ("offline" in str(err).lower() or "cache" in str(err).lower()):
+    text = str(err).lower()
+    # the phrases transformers/huggingface_hub/datasets use for "not cached and not allowed to download";
+    # matching bare "cache" would also catch a model named e.g. org/kv-cache-llama
+    offline = ("offline mode", "offline_mode", "cached files", "local_files_only", "localentrynotfound",
+               "couldn't connect", "not in the local cache", "in the cache")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and (type(err).__name__ == "LocalEntryNotFoundError"
+                                                    or any(phrase in text for phrase in offline)):
         return OFFLINE_HINT
     return str(err).splitlines()[0][:300]
