@@ -161,11 +161,10 @@ def test_completions_takes_a_plain_prompt_without_the_chat_template(server):
 
 def test_bad_numbers_get_400_in_openai_error_shape(server):
     hi = '{"messages": [{"role": "user", "content": "hi"}], '
-    for raw, param in ((hi + '"temperature": NaN}', "temperature"), (hi + '"max_tokens": Infinity}', "max_tokens"),
-                       (hi + '"max_tokens": -1}', "max_tokens"), (hi + f'"seed": {2**70}}}', "seed"),
-                       (hi + '"seed": -1}', "seed"), (hi + '"top_p": 0}', "top_p"), (hi + '"temperature": 2.5}',
-                                                                                       "temperature"),
-                       (hi + '"n": 0}', "n"), ('{"messages": [{"role": "wizard", "content": "x"}]}', "messages.0.role")):
+    cases = {"temperature": ['"temperature": NaN', '"temperature": 2.5'], "max_tokens": ['"max_tokens": Infinity',
+             '"max_tokens": -1'], "seed": [f'"seed": {2**70}', '"seed": -1'], "top_p": ['"top_p": 0'], "n": ['"n": 0']}
+    bad = [(f"{hi}{field}}}", param) for param, fields in cases.items() for field in fields]
+    for raw, param in bad + [('{"messages": [{"role": "wizard", "content": "x"}]}', "messages.0.role")]:
         status, body = post(server, raw.encode())
         assert status == 400, (raw, body)
         assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["param"] == param, body
@@ -248,3 +247,23 @@ def test_api_key_is_required_on_v1(server):
         assert response.status == 200
     status, body = post(server, {"messages": conversation(CHATS[0][0]), "max_tokens": 1})
     assert status == 200 and body["usage"]["completion_tokens"] == 1
+
+
+def test_tools_reach_the_chat_template_and_tool_call_arguments_become_objects(server):
+    from ftkit.commands.openai_schema import ChatRequest
+    from ftkit.data.chat_format import ChatFormat
+    from ftkit.inference.loading import open_tokenizer
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    request = ChatRequest.model_validate({"messages": messages, "tools": tools})
+    assert request.messages[1].for_template()["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    tokenizer = open_tokenizer(server.run)
+    template = "{% if tools %}TOOLS: {{ tools | map(attribute='function.name') | join(',') }}\n{% endif %}"
+    chat_format = ChatFormat(tokenizer, template + tokenizer.chat_template)
+    prompt = chat_format.prompt([m.for_template() for m in request.messages], tools=request.tools)
+    assert prompt.startswith("TOOLS: get_weather\n<|im_start|>user\nWeather?")
+    status, body = post(server, {"messages": messages, "tools": tools, "tool_choice": "auto", "max_tokens": 3})
+    assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"

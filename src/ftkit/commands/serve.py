@@ -142,7 +142,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest):
-        tokenizer = engine.chat_format.tokenizer
+        tokenizer = engine.chat_format.tokenizer  # special tokens (a bos) are added, as vLLM does
         return await respond(engine, body, [tokenizer(p)["input_ids"] for p in body.prompt], "prompt", chat=False)
 
     app.include_router(v1)
@@ -155,7 +155,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
-        return JSONResponse(err.body, status_code=err.status, headers={"Retry-After": "1"} if err.status == 503 else None)
+        retry = {"Retry-After": "1"} if err.status == 503 else None  # the openai client waits that long, then retries
+        return JSONResponse(err.body, status_code=err.status, headers=retry)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, err: RequestValidationError):
