@@ -267,3 +267,17 @@ def test_tools_reach_the_chat_template_and_tool_call_arguments_become_objects(se
     assert prompt.startswith("TOOLS: get_weather\n<|im_start|>user\nWeather?")
     status, body = post(server, {"messages": messages, "tools": tools, "tool_choice": "auto", "max_tokens": 3})
     assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_production_line_for_a_merged_model_and_a_high_rank_adapter(tmp_path):
+    from ftkit.commands.serve import production_line
+
+    merged = tmp_path / "merged model"
+    assert production_line(None, merged, None, "m") == (f"vllm serve '{merged}' --served-model-name m", "")
+    adapter = tmp_path / "run"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base", "r": 8,
+                                                             "rank_pattern": {"q_proj": 64}, "modules_to_save": None}))
+    line, note = production_line(adapter, None, None, "mine")
+    assert line == f"vllm serve org/base --enable-lora --lora-modules mine={adapter} --max-lora-rank 64" and note == ""
+    assert production_line(adapter, None, "local/base", "mine")[0].startswith("vllm serve local/base ")
