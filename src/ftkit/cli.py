@@ -256,6 +256,8 @@ def serve(
     port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
     queue_size: int = typer.Option(8, help="Requests that may wait for the model; more get 503."),
     name: Optional[str] = typer.Option(None, help="Model id clients see (default: the directory name)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FTKIT_API_KEY", show_envvar=True,
+                                          help="Require 'Authorization: Bearer KEY' on /v1 (401 without)."),
     max_new_tokens: int = MaxNewTokensOpt,
     temperature: float = TemperatureOpt,
     top_p: float = TopPOpt,
@@ -265,13 +267,13 @@ def serve(
     dtype: Optional[str] = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
 ) -> None:
-    """OpenAI-compatible HTTP server: /v1/chat/completions (stream or not), /v1/models, /health."""
+    """OpenAI-compatible HTTP server (FastAPI + uvicorn): /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from ftkit.commands.serve import run_serve
 
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
                                   False, None)
     run_serve(adapter, model, base, options, host=host, port=port, queue_size=queue_size, name=name, dtype=dtype,
-              trust_remote_code=trust_remote_code)
+              trust_remote_code=trust_remote_code, api_key=api_key or None)
 
 
 def quiet_libraries(debug: bool) -> None:

@@ -1,303 +1,344 @@
-"""Serve stage: an OpenAI-compatible HTTP server for a trained model, standard library only.
+"""Serve stage: an OpenAI-compatible HTTP server for a trained model on FastAPI + uvicorn, the stack of
+`transformers serve` and vLLM's server, so connections, SSE framing and request validation are the libraries'.
 
-Endpoints: POST /v1/chat/completions (with and without `stream`), GET /v1/models, GET /health. Prompts are
-built with the run's chat template and generation stops at its end-of-turn token, exactly as in `ftkit
-chat`. One generation runs at a time; up to `queue_size` more requests wait, and beyond that a request is
-answered 503 at once. A malformed request gets a 400 with an OpenAI-style JSON error and the server keeps
-running. ThreadingHTTPServer needs nothing beyond Python; one model generates one answer at a time anyway.
+Endpoints: POST /v1/chat/completions and /v1/completions (stream or not), GET /v1/models, GET /health.
+Prompts use the run's chat template and stop at its end-of-turn token, as in `ftkit chat`. The model
+generates in one worker thread, one request at a time; up to --queue-size more wait, and beyond that a
+request is answered 503 at once. Requests that cannot be served (bad numbers, a prompt longer than the
+context) are answered 400 before they queue. This module is HTTP only: generation is ftkit.inference.generate.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
-import sys
+import logging
+import secrets
+import shlex
+import socket
 import threading
 import time
-import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from functools import partial
 from pathlib import Path
 
-from ftkit.inference.options import GenerationOptions
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ftkit.commands import openai_schema as schema
+from ftkit.commands.openai_schema import ChatRequest, CompletionRequest, Sampling
 from ftkit.errors import FtkitError
+from ftkit.inference.options import GenerationOptions
 
 MAX_BODY = 16 * 2**20
-ROLES = ("system", "user", "assistant")
+BACKLOG = 2048  # connections the kernel holds while the event loop is busy; beyond the queue they get 503
+VLLM_MAX_LORA_RANK = 16  # vLLM's default --max-lora-rank
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log: one stream for the server's lines
 
 
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.body = status, schema.error_body(message, kind, param, code)
 
 
 class Engine:
-    """The model, its chat format, default options, and the one-at-a-time gate with a bounded queue."""
+    """The model, its chat format and default options; one generation thread behind a bounded queue."""
 
-    def __init__(self, model, chat_format, name: str, defaults: GenerationOptions, queue_size: int = 8):
+    def __init__(self, model, chat_format, name: str, defaults: GenerationOptions, queue_size: int = 8,
+                 context: int | None = None):
         self.model, self.chat_format, self.name, self.defaults = model, chat_format, name, defaults
-        self.queue_size = queue_size
-        self.gate = threading.Lock()  # one generation at a time
-        self.count_lock = threading.Lock()
-        self.waiting_or_running = 0
+        self.queue_size, self.context = queue_size, context
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="ftkit-generate")
+        self.lock = threading.Lock()
+        self.pending = 0  # running + waiting
+        self.live: set[threading.Event] = set()
         self.created = int(time.time())
 
     def admit(self) -> None:
-        with self.count_lock:
-            if self.waiting_or_running >= self.queue_size + 1:
-                raise RequestError(503, f"server busy: {self.queue_size} requests already waiting; retry later",
-                                   kind="server_busy")
-            self.waiting_or_running += 1
+        with self.lock:
+            if self.pending > self.queue_size:
+                raise ApiError(503, f"server busy: {self.queue_size} requests already wait for the model; "
+                               "retry later", kind="server_error", code="server_busy")
+            self.pending += 1
 
-    def leave(self) -> None:
-        with self.count_lock:
-            self.waiting_or_running -= 1
+    def submit(self, work, cancelled: threading.Event) -> Future:
+        """Queue `work` for the generation thread. Its slot frees when the work ends, not when the client
+        leaves: a client that leaves sets `cancelled`, which ends the work at its next token."""
+        self.admit()
+        with self.lock:
+            self.live.add(cancelled)
 
+        def done(_):
+            with self.lock:
+                self.pending -= 1
+                self.live.discard(cancelled)
 
-def parse_messages(raw) -> list[dict]:
-    if not isinstance(raw, list) or not raw:
-        raise RequestError(400, "'messages' must be a non-empty list of {role, content}", "messages")
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise RequestError(400, f"messages[{i}]: role must be one of {', '.join(ROLES)}", "messages")
-        content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise RequestError(400, f"messages[{i}]: only text content parts are supported", "messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise RequestError(400, f"messages[{i}]: content must be a string", "messages")
-        messages.append({"role": m["role"], "content": content})
-    if messages[-1]["role"] != "user":
-        raise RequestError(400, "the last message must be a user turn", "messages")
-    return messages
+        future = self.worker.submit(work)
+        future.add_done_callback(done)
+        return future
 
+    def close(self) -> None:
+        """Stop every running and queued generation at its next token (server shutdown)."""
+        with self.lock:
+            for event in self.live:
+                event.set()
 
-def number(body: dict, key: str, kind, low=None, high=None):
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise RequestError(400, f"'{key}' must be a{'n integer' if kind is int else ' number'}", key)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise RequestError(400, f"'{key}' must be between {low} and {high}", key)
-    return kind(value)
-
-
-def parse_request(body, defaults: GenerationOptions) -> tuple[list[dict], GenerationOptions, bool]:
-    if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    messages = parse_messages(body.get("messages"))
-    if number(body, "n", int, 1, 1) not in (None, 1):
-        raise RequestError(400, "only n=1 is supported", "n")
-    if body.get("stop") not in (None, [], ""):
-        raise RequestError(400, "'stop' is not supported: generation stops at the model's end-of-turn token", "stop")
-    options = replace(defaults)
-    max_tokens = number(body, "max_completion_tokens", int, 1) or number(body, "max_tokens", int, 1)
-    if max_tokens:
-        options.max_new_tokens = max_tokens
-    temperature = number(body, "temperature", float, 0, 2)
-    if temperature is not None:
-        options.temperature, options.greedy = temperature, temperature == 0
-    for key, kind, low, high in (("top_p", float, 0, 1), ("top_k", int, 0, None), ("seed", int, None, None),
-                                 ("repetition_penalty", float, 0.01, None), ("no_repeat_ngram_size", int, 0, None)):
-        value = number(body, key, kind, low, high)
-        if value is not None:
-            setattr(options, key, value)
-    if options.top_p == 0:
-        raise RequestError(400, "'top_p' must be greater than 0", "top_p")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError(400, "'stream' must be true or false", "stream")
-    return messages, options, stream
+    def options(self, request: Sampling, prompt_tokens: int, param: str) -> GenerationOptions:
+        """The server defaults with the request's overrides; max tokens capped at the context left."""
+        room = None if self.context is None else self.context - prompt_tokens
+        if room is not None and room < 1:
+            raise ApiError(400, f"the prompt is {prompt_tokens} tokens and this model's context is {self.context}, "
+                           "leaving no room for an answer: shorten it", param=param, code="context_length_exceeded")
+        options = replace(self.defaults)
+        options.max_new_tokens = min(request.limit() or options.max_new_tokens, room or float("inf"))
+        if request.temperature is not None:
+            options.temperature, options.greedy = request.temperature, request.temperature == 0
+        for key in ("top_p", "repetition_penalty", "seed"):
+            if getattr(request, key) is not None:
+                setattr(options, key, getattr(request, key))
+        if request.top_k is not None:
+            options.top_k = max(request.top_k, 0)
+        options.min_new_tokens = min(request.min_tokens or 0, options.max_new_tokens)
+        return options
 
 
-class Handler(BaseHTTPRequestHandler):
-    server_version = "ftkit"
-    engine: Engine  # set on the subclass make_server builds
+def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="ftkit serve")
 
-    def log_message(self, format, *args):  # one line per request on stderr, no reverse DNS
-        sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+    async def guard(request: Request) -> None:
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            raise ApiError(413, "request body too large")
+        sent = request.headers.get("authorization", "").encode()
+        if api_key is not None and not secrets.compare_digest(sent, f"Bearer {api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
 
-    def send_json(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(guard)])
+    entry = {"id": engine.name, "object": "model", "created": engine.created, "owned_by": "ftkit"}
 
-    def send_error_json(self, err: RequestError) -> None:
-        self.send_json(err.status, {"error": {"message": err.message, "type": err.kind, "param": err.param,
-                                              "code": err.status}})
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": engine.name}
 
-    def do_GET(self):
-        path = self.path.split("?")[0].rstrip("/")
-        if path == "/health":
-            self.send_json(200, {"status": "ok", "model": self.engine.name})
-        elif path == "/v1/models":
-            self.send_json(200, {"object": "list", "data": [self.model_entry()]})
-        elif path == f"/v1/models/{self.engine.name}":
-            self.send_json(200, self.model_entry())
-        else:
-            self.send_error_json(RequestError(404, f"no route GET {path}", kind="not_found"))
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [entry]}
 
-    def model_entry(self) -> dict:
-        return {"id": self.engine.name, "object": "model", "created": self.engine.created, "owned_by": "ftkit"}
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != engine.name:
+            raise ApiError(404, f"no model '{model_id}' here; this server has '{engine.name}'", param="model",
+                           code="model_not_found")
+        return entry
 
-    def do_POST(self):
-        path = self.path.split("?")[0].rstrip("/")
-        try:
-            if path != "/v1/chat/completions":
-                raise RequestError(404, f"no route POST {path}", kind="not_found")
-            body = self.read_json()
-            messages, options, stream = parse_request(body, self.engine.defaults)
-            self.engine.admit()
-            try:
-                with self.engine.gate:
-                    if stream:
-                        self.stream_completion(messages, options)
-                    else:
-                        self.complete(messages, options)
-            finally:
-                self.engine.leave()
-        except RequestError as err:
-            self.send_error_json(err)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away
-        except Exception as err:  # a generation failure: report it, keep serving
-            self.log_message("error: %s: %s", type(err).__name__, err)
-            try:
-                self.send_error_json(RequestError(500, f"{type(err).__name__}: {err}", kind="server_error"))
-            except OSError:
-                pass
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        return await respond(engine, body, [chat_prompt(engine, body)], "messages", chat=True)
 
-    def read_json(self):
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise RequestError(400, "bad Content-Length header") from None
-        if length <= 0:
-            raise RequestError(400, "empty request body: send a JSON object")
-        if length > MAX_BODY:
-            raise RequestError(413, "request body too large")
-        raw = self.rfile.read(length)
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RequestError(400, f"the request body is not valid JSON: {err}") from None
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest):
+        tokenizer = engine.chat_format.tokenizer  # special tokens (a bos) are added, as vLLM does
+        return await respond(engine, body, [tokenizer(p)["input_ids"] for p in body.prompt], "prompt", chat=False)
 
-    def envelope(self, kind: str) -> dict:
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
-                "model": self.engine.name}
-
-    def finish_reason(self, ids: list[int], options: GenerationOptions) -> str:
-        from ftkit.inference.generate import stop_ids
-
-        return "stop" if ids and ids[-1] in stop_ids(self.engine.chat_format) or len(ids) < options.max_new_tokens \
-            else "length"
-
-    def complete(self, messages, options) -> None:
-        from ftkit.inference.generate import generate_ids
-
-        engine = self.engine
-        prompt_tokens, ids = generate_ids(engine.model, engine.chat_format, messages, options)
-        text = engine.chat_format.tokenizer.decode(ids, skip_special_tokens=True)
-        self.send_json(200, {**self.envelope("chat.completion"), "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text},
-             "finish_reason": self.finish_reason(ids, options), "logprobs": None}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
-                      "total_tokens": prompt_tokens + len(ids)}})
-
-    def stream_completion(self, messages, options) -> None:
-        """Server-sent events: a role chunk, one chunk per piece of text, a finish chunk, then [DONE]."""
-        import transformers
-
-        from ftkit.inference.generate import char_streamer, generate_ids
-
-        engine, pieces, cancelled = self.engine, queue.Queue(), threading.Event()
-        result: dict = {}
-
-        class Cancel(transformers.StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return cancelled.is_set()
-
-        def work():
-            try:
-                result["out"] = generate_ids(engine.model, engine.chat_format, messages, options,
-                                             streamer=char_streamer(engine.chat_format.tokenizer, pieces.put),
-                                             stopping_criteria=transformers.StoppingCriteriaList([Cancel()]))
-            except Exception as err:  # reported to the client below
-                result["error"] = err
-            finally:
-                pieces.put(None)
-
-        head = self.envelope("chat.completion.chunk")
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        try:
-            self.event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "finish_reason": None}]})
-            while (piece := pieces.get()) is not None:
-                self.event({**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
-            if "error" in result:
-                err = result["error"]
-                self.event({"error": {"message": f"{type(err).__name__}: {err}", "type": "server_error"}})
-            else:
-                prompt_tokens, ids = result["out"]
-                self.event({**head, "choices": [{"index": 0, "delta": {},
-                                                 "finish_reason": self.finish_reason(ids, options)}],
-                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
-                                      "total_tokens": prompt_tokens + len(ids)}})
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        finally:
-            cancelled.set()  # a client that left stops the generation at the next token
-            worker.join()
-
-    def event(self, payload: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n")
-        self.wfile.flush()
+    app.include_router(v1)
+    add_error_handlers(app)
+    return app
 
 
-def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    handler = type("FtkitHandler", (Handler,), {"engine": engine})
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves in OpenAI's shape {"error": {message, type, param, code}}; validation errors are 400."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, err: ApiError):
+        retry = {"Retry-After": "1"} if err.status == 503 else None  # the openai client waits that long, then retries
+        return JSONResponse(err.body, status_code=err.status, headers=retry)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, err: RequestValidationError):
+        return JSONResponse(schema.validation_error_body(list(err.errors())), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, err: HTTPException):
+        kind = "not_found" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(schema.error_body(str(err.detail), kind), status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(request, err: Exception):
+        return JSONResponse(schema.error_body(f"{type(err).__name__}: {err}", "server_error"), status_code=500)
+
+
+def chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
+    from jinja2 import TemplateError
+
+    from ftkit.inference.generate import prompt_ids
+
+    messages = [m.for_template() for m in body.messages]
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        return prompt_ids(engine.chat_format, messages, body.tools)
+    except (TemplateError, TypeError, ValueError, KeyError) as err:
+        raise ApiError(400, f"the chat template cannot render these messages: {err}", param="messages") from None
+
+
+def generate_all(engine: Engine, prompts, options, body: Sampling, cancelled, on_text=None) -> list:
+    """body.n choices per prompt, in OpenAI's order (prompt-major); runs in the generation thread."""
+    from ftkit.inference.generate import sample
+
+    choices = []
+    for p, (ids, opts) in enumerate(zip(prompts, options)):
+        if cancelled.is_set():
+            break
+        emit = None if on_text is None else partial(lambda base, i, piece: on_text(base + i, piece), p * body.n)
+        choices += sample(engine.model, engine.chat_format, ids, opts, body.n, body.stop, emit, cancelled)
+    return choices
+
+
+async def respond(engine: Engine, body: Sampling, prompts: list[list[int]], param: str, chat: bool):
+    options = [engine.options(body, len(ids), param) for ids in prompts]  # 400s before the queue
+    cancelled = threading.Event()
+    if body.stream:
+        return stream(engine, body, prompts, options, cancelled, chat)
+    try:
+        choices = await asyncio.wrap_future(engine.submit(
+            partial(generate_all, engine, prompts, options, body, cancelled), cancelled))
+    except BaseException:
+        cancelled.set()
+        raise
+    if cancelled.is_set():
+        raise ApiError(503, "the server is stopping", kind="server_error", code="server_busy")
+    used = schema.usage(sum(map(len, prompts)), choices)
+    return (schema.chat_response if chat else schema.completion_response)(engine.name, choices, used)
+
+
+def stream(engine: Engine, body: Sampling, prompts, options, cancelled, chat: bool) -> StreamingResponse:
+    """Server-sent events fed from the generation thread through an asyncio queue; a client that leaves
+    (Starlette cancels the response) sets `cancelled`, which stops generation at the next token."""
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+    def push(*item) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, item)
+
+    def work() -> None:
+        try:
+            choices = generate_all(engine, prompts, options, body, cancelled, lambda i, text: push("text", i, text))
+            if cancelled.is_set():
+                log.info("ftkit serve: stream cancelled (client gone or server stopping) after %d generated tokens",
+                         sum(choice.tokens for choice in choices))
+            push("done", choices)
+        except Exception as err:  # reported in the stream: the 200 status is already sent
+            push("error", err)
+
+    engine.submit(work, cancelled)  # a full queue is a 503 before any byte of the stream
+    used = partial(schema.usage, sum(map(len, prompts)))
+    return StreamingResponse(sse(engine.name, body, len(prompts) * body.n, events, cancelled, used, chat),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def sse(model: str, body: Sampling, total: int, events: asyncio.Queue, cancelled, used, chat: bool):
+    top = schema.head("chat.completion.chunk" if chat else "text_completion", model)
+
+    def chunk(index: int, text: str | None, finish: str | None = None) -> str:
+        if chat:
+            payload = schema.chat_chunk(top, index, {} if text is None else {"content": text}, finish)
+        else:
+            payload = schema.completion_chunk(top, index, text or "", finish)
+        return data(payload)
+
+    try:
+        for index in range(total if chat else 0):
+            yield data(schema.chat_chunk(top, index, {"role": "assistant", "content": ""}))
+        while True:
+            kind, *rest = await events.get()
+            if kind == "text":
+                yield chunk(*rest)
+                continue
+            if kind == "error":
+                yield data(schema.error_body(f"{type(rest[0]).__name__}: {rest[0]}", "server_error"))
+            else:
+                for index, choice in enumerate(rest[0]):
+                    yield chunk(index, None, choice.finish_reason)
+                if body.include_usage():
+                    yield data({**top, "choices": [], "usage": used(rest[0])})
+            break
+        yield "data: [DONE]\n\n"
+    finally:
+        cancelled.set()
+
+
+def data(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so that a taken port fails at once."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
     except OSError as err:
         raise FtkitError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port") from None
-    server.daemon_threads = True
-    return server
+    return sock
+
+
+def make_server(app: FastAPI, engine: Engine):
+    """A uvicorn server with a deep listen backlog; Ctrl-C also stops the running generation."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            engine.close()
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, backlog=BACKLOG, log_level="info", timeout_graceful_shutdown=5,
+                                 lifespan="off"))
+
+
+def production_line(adapter: Path | None, model_dir: Path | None, base: str | None, name: str) -> tuple[str, str]:
+    """The vLLM command that serves the same model under the same id, and what would stop it working ("")."""
+    if adapter is None:
+        return f"vllm serve {shlex.quote(str(Path(model_dir).resolve()))} --served-model-name {shlex.quote(name)}", ""
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    base = base or config["base_model_name_or_path"]
+    rank = max([config.get("r") or 0, *(config.get("rank_pattern") or {}).values()])
+    line = (f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules "
+            f"{shlex.quote(f'{name}={Path(adapter).resolve()}')}")
+    line += f" --max-lora-rank {rank}" if rank > VLLM_MAX_LORA_RANK else ""
+    saved = config.get("modules_to_save") or []
+    note = (f"vLLM's LoRA loader refuses adapters with modules_to_save ({', '.join(saved)}): run `ftkit merge "
+            f"--adapter {shlex.quote(str(adapter))} --output MERGED` and `vllm serve MERGED` instead") if saved else ""
+    return line, note
+
+
+def context_window(model) -> int | None:
+    config = model.config
+    return next((getattr(config, key) for key in ("max_position_embeddings", "n_positions", "seq_length")
+                 if isinstance(getattr(config, key, None), int)), None)
 
 
 def run_serve(adapter: Path | None, model_dir: Path | None, base: str | None, options: GenerationOptions,
               host: str = "127.0.0.1", port: int = 8000, queue_size: int = 8, name: str | None = None,
-              dtype: str | None = None, trust_remote_code: bool = False) -> None:
+              dtype: str | None = None, trust_remote_code: bool = False, api_key: str | None = None) -> None:
     from ftkit.inference.loading import load_for_chat, quiet_loading
 
     options.check()
     if queue_size < 0:
         raise FtkitError("--queue-size must be 0 or more")
+    sock = bind(host, port)
     quiet_loading()
     model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype, trust_remote_code)
-    source = Path(adapter or model_dir)
-    engine = Engine(model, chat_format, name or source.resolve().name, options, queue_size)
-    server = make_server(engine, host, port)
-    bound_host, bound_port = server.server_address[:2]
-    print(f"ftkit serve: model '{engine.name}' on http://{bound_host}:{bound_port}/v1 "
-          "(POST /v1/chat/completions, GET /v1/models, GET /health); Ctrl-C stops", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    engine = Engine(model, chat_format, name or Path(adapter or model_dir).resolve().name, options, queue_size,
+                    context_window(model))
+    server = make_server(create_app(engine, api_key), engine)
+    sock.listen(BACKLOG)  # from here a client that read the URL below waits in the backlog, never refused
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    line, note = production_line(adapter, model_dir, base, engine.name)
+    print(f"ftkit serve: model '{engine.name}' on http://{shown}:{bound_port}/v1 (POST /v1/chat/completions, "
+          f"/v1/completions; GET /v1/models, /health){'; API key required' if api_key else ''}; Ctrl-C stops\n"
+          f"ftkit serve: in production: {line}" + (f"\nftkit serve: note: {note}" if note else ""), flush=True)
+    server.run(sockets=[sock])

@@ -67,7 +67,8 @@ class ChatFormat:
             rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
         return rest
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False, fold: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, fold: bool = True,
+               tools: list[dict] | None = None) -> str:
         # A template may name bos_token/eos_token that this tokenizer lacks: render them as "".
         specials = {name: getattr(self.tokenizer, name, None) or "" for name in ("bos_token", "eos_token")}
         return self.tokenizer.apply_chat_template(
@@ -75,17 +76,19 @@ class ChatFormat:
             chat_template=self.template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
+            tools=tools,
             **specials,
         )
 
-    def prompt(self, messages: list[dict]) -> str:
+    def prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The text a model continues to answer `messages`: exactly what training put before an answer.
 
         Trailing spaces stay with the answer (Llama-2's "[/INST] answer"): tokenizers merge a space into
-        the next word, so a prompt ending in one would tokenise differently from training.
+        the next word, so a prompt ending in one would tokenise differently from training. `tools` (OpenAI
+        function schemas) go to the template, which decides whether and how the model sees them.
         """
-        text = self.render(messages, add_generation_prompt=True) if self.has_generation_prompt else (
-            self.render(messages) + self.header)
+        text = self.render(messages, add_generation_prompt=True, tools=tools) if self.has_generation_prompt else (
+            self.render(messages, tools=tools) + self.header)
         return text.rstrip(" ")
 
     def missing_tokens(self) -> list[str]:

@@ -1,6 +1,10 @@
-"""Generation with a run's stop tokens: one prompt (optionally streamed), or many in a left-padded batch."""
+"""Generation with a run's stop tokens: one prompt (optionally streamed), many in a left-padded batch, or n
+samples of one tokenised prompt cut at OpenAI-style stop strings (the server's path)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
 
 from ftkit.inference.options import GenerationOptions
 
@@ -19,6 +23,8 @@ def generation_kwargs(chat_format, options: GenerationOptions) -> dict:
                   pad_token_id=pad if pad is not None else stops[0], repetition_penalty=options.repetition_penalty)
     if options.no_repeat_ngram_size:
         kwargs["no_repeat_ngram_size"] = options.no_repeat_ngram_size
+    if options.min_new_tokens:
+        kwargs["min_new_tokens"] = options.min_new_tokens
     if greedy:  # override sampling values a generation_config may carry, so transformers does not warn
         kwargs.update(temperature=None, top_p=None, top_k=None)
     else:
@@ -94,3 +100,120 @@ def char_streamer(tokenizer, on_text):
                 on_text(text)
 
     return CharStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+@dataclass
+class Choice:
+    text: str
+    tokens: int  # generated tokens, the end-of-turn token included
+    finish_reason: str  # "stop": end of turn, eos or a stop string; "length": max_new_tokens reached
+
+
+def prompt_ids(chat_format, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The token ids generate_ids would feed the model for `messages` (`tools` go to the chat template)."""
+    return chat_format.tokenizer(chat_format.prompt(messages, tools=tools), add_special_tokens=False)["input_ids"]
+
+
+def first_stop(text: str, stops) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+class StopFilter:
+    """Passes streamed text on up to the first stop string; holds back a tail that may begin one."""
+
+    def __init__(self, stops, emit):
+        self.stops, self.emit, self.held, self.stopped = list(stops), emit, "", False
+
+    def feed(self, piece: str) -> None:
+        if self.stopped:
+            return
+        text = self.held + piece
+        cut = first_stop(text, self.stops)
+        if cut is not None:
+            self.stopped, self.held = True, ""
+            self._send(text[:cut])
+            return
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        self._send(text[:len(text) - keep])
+
+    def close(self) -> None:
+        if not self.stopped:
+            self._send(self.held)
+        self.held = ""
+
+    def _send(self, text: str) -> None:
+        if text:
+            self.emit(text)
+
+
+def flag_criterion(event):
+    """A StoppingCriteria that ends every row once `event` (a threading.Event) is set."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class Flag(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return Flag()
+
+
+def sample(model, chat_format, ids: list[int], options: GenerationOptions, n: int = 1, stop=(), on_text=None,
+           cancelled=None) -> list[Choice]:
+    """n answers to one tokenised prompt, each cut before the first of the `stop` strings.
+
+    Without `on_text` the n answers come from one batch of n identical rows (greedy gives n equal answers);
+    with `on_text(index, piece)` they are streamed one after another, since transformers' streamers take one
+    row. Setting `cancelled` (a threading.Event) ends generation at the next token: the client left.
+    """
+    import torch
+
+    if options.seed is not None:
+        torch.manual_seed(options.seed)
+    if on_text is None:
+        return _sample_rows(model, chat_format, ids, options, n, stop, cancelled)
+    choices = []
+    for index in range(n):
+        if cancelled is not None and cancelled.is_set():
+            break
+        text = StopFilter(stop, partial(on_text, index))
+        streamer = char_streamer(chat_format.tokenizer, text.feed)
+        choices += _sample_rows(model, chat_format, ids, options, 1, stop, cancelled, streamer)
+        text.close()
+    return choices
+
+
+def _sample_rows(model, chat_format, ids, options, n, stop, cancelled, streamer=None) -> list[Choice]:
+    import torch
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    tokenizer = chat_format.tokenizer
+    kwargs = generation_kwargs(chat_format, options)
+    criteria = StoppingCriteriaList()
+    if stop:
+        criteria.append(StopStringCriteria(tokenizer, list(stop)))
+    if cancelled is not None:
+        criteria.append(flag_criterion(cancelled))
+    input_ids = torch.tensor([ids] * n, device=model.device)
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                                stopping_criteria=criteria, **kwargs)
+    ends, pad = set(kwargs["eos_token_id"]), kwargs["pad_token_id"]
+    return [_choice(tokenizer, row, ends, pad, stop, options.max_new_tokens)
+            for row in output[:, len(ids):].tolist()]
+
+
+def _choice(tokenizer, row: list[int], ends: set, pad: int, stop, limit: int) -> Choice:
+    end = next((i + 1 for i, token in enumerate(row) if token in ends), None)
+    if end is not None:
+        row = row[:end]
+    else:  # a row that stopped (stop string, cancel) before the others is padded to their length
+        while row and row[-1] == pad:
+            row = row[:-1]
+    text = tokenizer.decode(row, skip_special_tokens=True)
+    cut = first_stop(text, stop)
+    if cut is not None:
+        return Choice(text[:cut], len(row), "stop")
+    return Choice(text, len(row), "stop" if end is not None or len(row) < limit else "length")

@@ -18,6 +18,7 @@ class GenerationOptions:
     no_repeat_ngram_size: int = 0
     greedy: bool = False
     seed: int | None = None
+    min_new_tokens: int = 0  # end-of-turn and eos are suppressed until this many tokens
 
     def set(self, assignment: str) -> None:
         """`/set temperature=0.5`: one field, parsed to its type; raises FtkitError on a bad name or value."""
@@ -55,6 +56,8 @@ class GenerationOptions:
                 raise FtkitError(f"{key} must be a finite number, got {value}")
         if self.max_new_tokens < 1:
             raise FtkitError("max_new_tokens must be at least 1")
+        if self.min_new_tokens < 0:
+            raise FtkitError("min_new_tokens must be 0 or more")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0 \
                 or self.no_repeat_ngram_size < 0:
             raise FtkitError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0, "
