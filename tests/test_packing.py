@@ -147,3 +147,13 @@ def test_validate_refuses_packing_that_leaks(overrides, key, message, tiny_model
     result = ftkit("validate", str(path))
     assert result.returncode == 2
     assert result.stderr == f"ftkit: error: {path}:{line_of(path, key)}: '{key}': {message}\n"
+
+
+@pytest.mark.parametrize("old,new", [("ffd", "bfd"), ("bfd-requeue", "bfd_split")])
+def test_older_packing_strategy_names_are_renamed_with_a_note(old, new, tiny_model, tmp_path):
+    """alignment-handbook's SmolLM3 recipes say packing_strategy: ffd, older TRL's name for bfd."""
+    path = make_recipe(tmp_path, tiny_model, "old", packing=True, packing_strategy=old)
+    recipe = load_recipe(path)
+    assert recipe.sft["packing_strategy"] == new
+    line = line_of(path, "packing_strategy")
+    assert recipe.notes == [f"{path}:{line}: packing_strategy '{old}' is older TRL's name; renamed to '{new}'"]
