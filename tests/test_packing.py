@@ -1,6 +1,7 @@
 """Packing and padding-free training: transformers keeps packed sequences apart on sdpa and eager in a training
 forward, so a packed step equals the padded step; ftkit trains with either and keeps its own loss masks; the
-combinations that do let samples attend to each other are refused by `ftkit validate`."""
+combinations that do let samples attend to each other are refused: kernels and strategies by `ftkit validate`,
+architectures by a probe before training."""
 
 from __future__ import annotations
 
@@ -124,6 +125,42 @@ def test_packed_training_memorises_and_matches_the_padded_run(option, tiny_model
     padded = json.loads((trained_run / "train_summary.json").read_text())["train_losses"]
     assert [step for step, _ in curve] == [step for step, _ in padded]
     assert [loss for _, loss in curve] == pytest.approx([loss for _, loss in padded], rel=1e-3)
+
+
+@pytest.fixture
+def tiny_opt(tiny_model, tmp_path):
+    """The tiny model's tokenizer on a tiny OPT, an architecture whose mask ignores position_ids."""
+    import shutil
+
+    from transformers import OPTConfig, OPTForCausalLM
+
+    out = tmp_path / "tiny-opt"
+    OPTForCausalLM(OPTConfig(vocab_size=1024, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                             word_embed_proj_dim=64, pad_token_id=3, bos_token_id=0, eos_token_id=0)).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny_model / name, out / name)
+    return out
+
+
+def test_probe_tells_isolating_models_from_leaking_ones(tiny_model, tiny_opt):
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.train.packing import leaks_across_samples
+
+    for impl in ("sdpa", "eager"):
+        assert leaks_across_samples(AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=impl)) is False
+        assert leaks_across_samples(AutoModelForCausalLM.from_pretrained(tiny_opt, attn_implementation=impl)) is True
+
+
+def test_train_refuses_packing_on_an_architecture_that_leaks(tiny_opt, tmp_path):
+    """Caught before the run directory is claimed: nothing is written, and the recipe can be fixed and rerun."""
+    recipe = make_recipe(tmp_path, tiny_opt, "opt", packing=True, lora_modules_to_save=None)
+    result = ftkit("train", str(recipe))
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"ftkit: error: {recipe}: 'packing': opt models with attn_implementation sdpa let a packed sample attend "
+        "to the samples before it in the row; set packing: false")
+    assert "Traceback" not in result.stderr and not (tmp_path / "opt").exists()
 
 
 @pytest.mark.parametrize("attn", [None, "sdpa", "eager", "flex_attention", "flash_attention_2",
