@@ -198,35 +198,10 @@ def test_early_stopping_sets_best_model_and_checkpoints(tiny_model, tmp_path):
     ({"early_stopping_patience": 2, "eval_strategy": "steps"},  # make_recipe says save_strategy: "no"
      "'save_strategy': load_best_model_at_end needs checkpoints at every evaluation: set save_strategy: steps"),
     ({"early_stopping_threshold": 0.1}, "'early_stopping_threshold': has no effect without early_stopping_patience"),
-    ({"packing": True}, "'packing': packing: true puts several samples in one row, and attn_implementation "
-                        "'sdpa (default)' would let them attend to each other"),
-    ({"padding_free": True, "attn_implementation": "eager"}, "'padding_free': padding_free: true puts several"),
 ])
 def test_recipe_checks_refuse_inconsistent_options(overrides, message, tiny_model, tmp_path):
     result = ftkit("validate", str(make_recipe(tmp_path, tiny_model, "bad", **overrides)))
     assert result.returncode == 2 and message in result.stderr, result.stderr
-
-
-def test_packing_is_accepted_with_flash_attention(tiny_model, tmp_path):
-    for attn in ("flash_attention_2", "kernels-community/flash-attn3"):
-        recipe = load_recipe(make_recipe(tmp_path, tiny_model, "packed", packing=True, attn_implementation=attn))
-        assert recipe.sft["packing"] is True
-
-
-def test_eager_and_sdpa_mix_packed_sequences(tiny_model):
-    """Why packing is refused with them: without an attention mask, a second packed sequence attends to the
-    first even with restarted position_ids. When transformers fixes this, the check can be relaxed."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    first, second = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11]])
-    for impl in ("eager", "sdpa"):
-        model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=impl).eval()
-        with torch.no_grad():
-            alone = model(input_ids=second).logits[0]
-            packed = model(input_ids=torch.cat([first, second], 1),
-                           position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2]])).logits[0, 4:]
-        assert not torch.allclose(alone, packed, atol=1e-4), impl
 
 
 def test_precision_rule_on_each_kind_of_hardware():

@@ -35,6 +35,8 @@ RENAMED = {
     "use_flash_attention_2": "attn_implementation",
     "dataset_streaming": "streaming",
 }
+# Old values of a key -> current value (alignment-handbook's SmolLM3 recipes say ffd). Accepted with a note.
+RENAMED_VALUES = {"packing_strategy": {"ffd": "bfd", "bfd-requeue": "bfd_split"}}
 # Keys that transformers 5 / TRL 1 removed and that have no effect any more; accepted with a note.
 IGNORED = {
     "logging_dir": "TensorBoard logs go to output_dir/runs",
@@ -219,6 +221,15 @@ def rename_legacy(key: str, value: Any, notes: list[str], where: str) -> tuple[s
     return new, value
 
 
+def rename_value(key: str, value: Any, notes: list[str], where: str) -> Any:
+    """Map an older TRL name of a value to the current one, adding a one-line note."""
+    new = RENAMED_VALUES.get(key, {}).get(value) if isinstance(value, str) else None
+    if new is None:
+        return value
+    notes.append(f"{where}: {key} '{value}' is older TRL's name; renamed to '{new}'")
+    return new
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = None, raw: dict | None = None) -> Recipe:
     """Read, check and split a recipe. Raises FtkitError listing every problem found."""
     from ftkit.config import checks as recipe_checks
@@ -245,7 +256,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
             problems.append(f"{where}: unknown key '{key}'{suggest(key, table)}")
             continue
         section, kinds, choices = table[key]
-        value = coerce(value, kinds)
+        value = coerce(rename_value(key, value, notes, where), kinds)
         problem = check_value(key, value, kinds, choices)
         if problem:
             problems.append(f"{where}: '{key}': {problem}")

@@ -59,6 +59,8 @@ def sft_config(recipe: Recipe, precision, out: Path, has_eval: bool):
     args.pop("gradient_checkpointing_kwargs", None)
     if args["activation_checkpointing"]:
         args["activation_checkpointing_kwargs"] = kwargs or {"use_reentrant": False}
+    if args.get("padding_free") and not args.get("packing"):
+        args["max_length"] = None  # TRL refuses padding_free with a max_length it cannot enforce; ftkit's data did
     args.setdefault("report_to", "none")
     # transformers replaces NaN/inf losses in the logs by the window's average (0 when all are bad), hiding
     # exactly what NonFiniteLossGuard must see; ftkit stops on them instead.

@@ -125,6 +125,7 @@ def check_token_ids(dataset, model, top: int | None = None) -> None:
 def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, device_index: int, log=print):
     """The model loaded, its embeddings fitted to the tokenizer, every token id checked, PEFT applied."""
     from ftkit.train.model import apply_peft, fit_embeddings, load_model, trainable_summary
+    from ftkit.train.packing import check_packing
 
     model = load_model(recipe.model, precision, device_index)
     fit_embeddings(model, tokenizer, log)
@@ -134,6 +135,7 @@ def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, 
     if recipe.model.use_peft:
         model = apply_peft(model, recipe.model, new_tokens, recipe.checkpointing(), log)
     log(trainable_summary(model))
+    check_packing(model, recipe, log)  # before the run directory is claimed
     return model
 
 
