@@ -217,6 +217,9 @@ TRAIN_ROWS = [
     Row("train-over-the-base-model", ["train", "ok.yml", "--set", "output_dir=model", "--set",
                                       "overwrite_output_dir=true"],
         value("output_dir", "'model' is the model_name_or_path directory 'model'; choose another output_dir")),
+    Row("train-launcher-config-not-utf8", ["train", "ok.yml", "--launcher", "acc.yaml"], err(
+        "acc.yaml:2: not UTF-8 text (byte 0xff); save the accelerate config as UTF-8"),
+        files={"acc.yaml": b"distributed_type: MULTI_GPU\nnum_processes: \xff\n"}),
     Row("train-resume-from-missing-path", ["train", "ok.yml", "--set", "resume_from_checkpoint=ckpt"], value(
         "resume_from_checkpoint", "'ckpt' does not exist; give a checkpoint-N directory, or true for the newest "
         "checkpoint in output_dir")),

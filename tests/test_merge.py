@@ -64,8 +64,9 @@ def test_ftkit_chat_model_answers_from_the_merged_dir(merged, capsys):
     from ftkit.cli import main
 
     _, out = merged
-    main(["chat", "--model", str(out), "--system", SYSTEM, "--prompt", CHATS[4][0], "--greedy"])
-    assert capsys.readouterr().out == CHATS[4][1] + "\n"
+    with pytest.raises(SystemExit) as done:  # main() always leaves with an exit status
+        main(["chat", "--model", str(out), "--system", SYSTEM, "--prompt", CHATS[4][0], "--greedy"])
+    assert done.value.code == 0 and capsys.readouterr().out == CHATS[4][1] + "\n"
 
 
 @pytest.mark.slow
