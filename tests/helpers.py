@@ -22,11 +22,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def ftkit(*args: str, cwd: Path = ROOT, env: dict | None = None, unset: tuple = ()) -> subprocess.CompletedProcess:
-    """Run the real console entry point, as a user would."""
+def ftkit(*args: str, cwd: Path = ROOT, env: dict | None = None, unset: tuple = (),
+          stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run the real console entry point, as a user would; `stdin` is piped in as raw bytes."""
     environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
-    return subprocess.run([sys.executable, "-m", "ftkit", *args], cwd=cwd, capture_output=True, text=True,
-                          env=environment, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "ftkit", *args], cwd=cwd, capture_output=True, input=stdin,
+                            env=environment, timeout=600)
+    result.stdout, result.stderr = (text_of(out) for out in (result.stdout, result.stderr))
+    return result
+
+
+def text_of(output: bytes) -> str:
+    """As subprocess's text mode reads it (universal newlines), with a bad byte shown as U+FFFD."""
+    return output.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
 
 
 SYSTEM = "Answer from memory."

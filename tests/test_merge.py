@@ -85,7 +85,11 @@ def test_merged_dir_contents_and_model_card(merged, tiny_model):
     assert meta["peft"] is False and meta["load_in_4bit"] is False and meta["merged_from"] == str(run)
     card = (out / "README.md").read_text()
     summary = json.loads((run / "train_summary.json").read_text())
-    assert card.startswith(f'---\nbase_model: "{tiny_model}"\n')
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(out / "README.md").data
+    assert data.base_model == str(tiny_model) and data.library_name == "transformers"
+    assert data.tags == ["ftkit", "fine-tuned", "merged"]
     assert "fine-tuned with ftkit (LoRA, r=8, alpha=16)" in card
     assert f"| final train loss | {round(summary['final_train_loss'], 4)} |" in card
     assert "dataset_mixer:" in card and "chats.jsonl" in card and "learning_rate: 0.01" in card

@@ -35,14 +35,15 @@ def test_predict_cli_answers_every_trained_row_and_resumes(run_dir, tmp_path):
     records = read_lines(out)
     references = [a for _, a in CHATS] + [MULTI_TURN[-1][1]]
     assert [r["row"] for r in records] == list(range(1, 8))
+    assert out.read_text(encoding="utf-8").count('{"ftkit_predict": 1, "row": ') == 7  # its own, resumable output
     assert [r["output"] for r in records] == [r["reference"] for r in records] == references
     assert records[0]["prompt"] == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": CHATS[0][0]}]
     assert [m["role"] for m in records[-1]["prompt"]] == ["system", "user", "assistant", "user"]
 
     # Resume: two rows lost (one torn mid-write), one kept row altered to show it is not regenerated.
     records[1]["output"] = "kept from the first run"
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[:5]) + '{"row": 6, "pro',
-                   encoding="utf-8")
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[:5])
+                   + '{"ftkit_predict": 1, "row": 6, "pro', encoding="utf-8")
     lines = []
     metrics = run_predict(run_dir, None, None, data, out, GenerationOptions(max_new_tokens=100, greedy=True),
                           batch_size=4, log=lines.append)

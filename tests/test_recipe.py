@@ -33,6 +33,7 @@ def data_file(tmp_path) -> Path:
 
 def base(tmp_path, data_file, extra: str = "") -> Path:
     (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "model" / "config.json").write_text("{}", encoding="utf-8")
     return write(tmp_path, f"model_name_or_path: {tmp_path / 'model'}\ndataset_mixer:\n  {data_file}: 1.0\n{extra}")
 
 
@@ -59,9 +60,10 @@ def test_seed_000_recipe_parses_unchanged_with_notes():
     assert "add_special_tokens/append_concat_token" in notes
 
 
-def test_every_recipe_in_recipes_validates():
+def test_every_recipe_in_recipes_validates(tiny_model):
     for path in sorted((ROOT / "recipes").glob("*.yml")):
-        result = ftkit("validate", str(path))
+        built = ["--set", f"model_name_or_path={tiny_model}"] if path.name == "tiny-demo.yml" else []  # models/tiny
+        result = ftkit("validate", str(path), *built)
         assert result.returncode == 0, f"{path.name}: {result.stderr}"
         assert "ok" in result.stdout
 
@@ -182,3 +184,12 @@ def test_every_recipe_previews_with_the_tiny_tokenizer_standing_in(tiny_model):
             assert result.returncode == 0, f"{path.name}: {result.stderr[-1500:]}"
             stats = json.loads(result.stdout)
             assert stats["train_samples"] > 0 and 0 < stats["trained_fraction"] < 1, path.name
+
+
+def test_report_to_list_matches_transformers():
+    """checks.REPORT_TO is a copy (importing transformers' integrations imports torch); it must stay in step."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    from ftkit.config.checks import REPORT_TO
+
+    assert sorted(REPORT_TO) == sorted(INTEGRATION_TO_CALLBACK)

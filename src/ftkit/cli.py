@@ -43,6 +43,9 @@ def validate(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt) -> No
     from ftkit.config.recipe import load_recipe
 
     parsed = load_recipe(recipe, set_ or [])
+    from ftkit.rundir import check_writable
+
+    check_writable(parsed.output_dir(), "output_dir")  # as training checks it, before anything loads
     _print_notes(parsed.notes)
     m = parsed.model
     mode = "full fine-tune" if not m.use_peft else ("QLoRA 4-bit" if m.load_in_4bit else "LoRA 8-bit" if m.load_in_8bit else "LoRA")

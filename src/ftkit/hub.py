@@ -16,13 +16,22 @@ from urllib.parse import urlparse
 from ftkit.errors import FtkitError
 
 
+# Namespaces the Hub reserves for its own pages (huggingface.co/models, /datasets, /spaces): no user or
+# organisation has these names, so `models/tiny` is always a local path, never a hub id.
+RESERVED_NAMESPACES = {"models", "datasets", "spaces"}
+
+
 def looks_local(name: str) -> bool:
-    """A hub id is `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c, x.jsonl) is a local path."""
+    """A hub id is `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c, x.jsonl) is a local path, and so is
+    `org/name` when `org` is a reserved hub namespace or a folder here (a mistyped `models/tnyi` is a missing
+    local model, not a hub id to fetch)."""
+    first = name.split("/", 1)[0]
     return (
         name.startswith((".", "/", "~"))
         or name.count("/") > 1
         or Path(name).suffix.lower() in {".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt"}
         or Path(name).exists()
+        or ("/" in name and (first in RESERVED_NAMESPACES or Path(first).is_dir()))
     )
 
 
@@ -83,9 +92,12 @@ def read_model_config(name: str, revision: str = "main") -> tuple[dict, str]:
 
 def _load_json(file: Path) -> dict:
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise FtkitError(f"{file}: not readable JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise FtkitError(f"{file}: expected a JSON object of model settings, got {type(data).__name__}")
+    return data
 
 
 def load_failure(err: Exception) -> str:

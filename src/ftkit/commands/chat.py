@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from ftkit.errors import FtkitError
+from ftkit.files import check_arg_text
 from ftkit.inference.generate import char_streamer, generate
 from ftkit.inference.loading import default_system, load_for_chat, quiet_loading
 from ftkit.inference.options import GenerationOptions
@@ -17,8 +18,10 @@ HELP = ("commands: /reset (clear the history), /system TEXT (new system prompt; 
 
 def run_chat(adapter, model_dir, base, prompt, system, options: GenerationOptions, dtype=None,
              stream: bool = True, trust_remote_code: bool = False) -> None:
-    quiet_loading()
     options.check()
+    check_arg_text(prompt, "--prompt")
+    check_arg_text(system, "--system")
+    quiet_loading()
     model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype, trust_remote_code)
     system = default_system(adapter or model_dir, system)
     if prompt is not None:
@@ -30,6 +33,11 @@ def run_chat(adapter, model_dir, base, prompt, system, options: GenerationOption
         print(f"ftkit chat: type a message. {HELP}", file=sys.stderr)
     history: list[dict] = []
     for line in iter_input(interactive):
+        try:
+            check_arg_text(line, "that line")
+        except FtkitError as err:
+            note(f"{err}; not sent")
+            continue
         if line.startswith("/"):
             command, _, rest = line.partition(" ")
             if command in ("/exit", "/quit"):
@@ -83,6 +91,8 @@ def note(text: str) -> None:
 
 
 def iter_input(interactive: bool):
+    if not interactive and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte is reported per line, not a crash
     while True:
         try:
             line = input(">>> ") if interactive else sys.stdin.readline()

@@ -104,6 +104,9 @@ def architecture(config: dict) -> Architecture:
     if not all(isinstance(v, int) for v in (hidden, layers, heads, vocab)):
         raise FtkitError("config.json lacks hidden_size, num_hidden_layers, num_attention_heads or vocab_size: "
                          "not a decoder-only language model ftkit can estimate")
+    if min(hidden, layers, heads, vocab) < 1:
+        raise FtkitError(f"config.json: hidden_size {hidden}, num_hidden_layers {layers}, num_attention_heads "
+                         f"{heads} and vocab_size {vocab} must all be positive")
     kv_heads = _get(config, "num_key_value_heads", default=1 if config.get("multi_query") else heads)
     head_dim = _get(config, "head_dim", default=hidden // heads)
     intermediate = _get(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
@@ -345,7 +348,10 @@ def render(result: dict, setup: Setup, source: str, model: str) -> str:
 def run_estimate(recipe, as_json: bool = False, echo=print) -> dict:
     config, source = read_model_config(recipe.model.model_name_or_path, recipe.model.model_revision)
     setup = setup_from_recipe(recipe)
-    result = estimate(config, setup)
+    try:
+        result = estimate(config, setup)
+    except FtkitError as err:  # name the config.json the problem is in
+        raise FtkitError(*(line.replace("config.json", source, 1) for line in err.lines)) from None
     if as_json:
         echo(json.dumps({**result, "config": source}, indent=2))
     else:

@@ -5,11 +5,17 @@ The prompt of a row is its conversation up to the last assistant turn, built wit
 template exactly as `ftkit chat` builds it; the reference is that turn's content. Rows without an answer
 (an Alpaca test file of instruction/input, a prompt-only file, messages ending with a user turn) are
 answered and have no reference. Rerunning with the same --output skips the rows already written.
+
+Every line ftkit predict writes begins `{"ftkit_predict": 1, "row": N, ...}`: that mark is how a rerun knows the
+file is its own to resume. Any other existing file (the input itself, a user's notes, another tool's output)
+is refused and left untouched. Lines are appended and synced to disk after every batch, so a kill leaves at
+worst a torn last line, which the next run drops and answers again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +24,11 @@ from ftkit.inference.options import GenerationOptions
 from ftkit.data.formats import (BadRow, detect_format, from_alpaca, from_messages, from_prompt_completion,
                                 from_sharegpt)
 from ftkit.errors import FtkitError
+from ftkit.files import check_arg_text
 from ftkit.inference.metrics import score
 
+MARK = "ftkit_predict"
+MARK_PREFIX = '{"ftkit_predict": 1'  # how json.dumps writes the first key of every record
 READERS = {"messages": from_messages, "sharegpt": from_sharegpt, "alpaca": from_alpaca,
            "prompt_completion": from_prompt_completion}
 
@@ -68,81 +77,128 @@ def to_example(row: dict, fmt: str, number: int, system: str | None) -> Example:
     return Example(number, messages, reference)
 
 
-def read_examples(path: Path, system: str | None) -> list[Example]:
-    from ftkit.data.loading import BUILDERS, load_local
+def check_input(path: Path) -> None:
+    from ftkit.data.loading import BUILDERS
 
+    if path.is_dir():
+        raise FtkitError(f"{path}: is a directory; --input takes one data file ({', '.join(BUILDERS)})")
     if not path.is_file():
         raise FtkitError(f"{path}: no such file")
     if path.suffix.lower() not in BUILDERS:
         raise FtkitError(f"{path}: expected one of {', '.join(BUILDERS)}")
-    import datasets
 
-    datasets.disable_progress_bars()
-    rows = load_local([path]).to_list()
-    if not rows:
-        raise FtkitError(f"{path}: no rows")
-    fmt = input_format(list(rows[0]))
+
+def check_output(output: Path, input_path: Path) -> None:
+    """--output is a file name, not the input (under any spelling or link), in a folder that can be written."""
+    if output.is_dir():
+        raise FtkitError(f"--output '{output}' is a directory; give a file name, e.g. {output / 'predictions.jsonl'}")
+    if output.exists() and os.path.samefile(output, input_path):
+        raise FtkitError(f"--output '{output}' is the --input file; choose another --output (predictions never "
+                         "replace their input)")
+    folder = output.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise FtkitError(f"--output '{output}' cannot be written ({folder} is not a writable folder); choose "
+                         "another --output")
+
+
+def read_examples(path: Path, system: str | None) -> list[Example]:
+    from ftkit.data.loading import read_rows
+
+    rows = read_rows([path])
+    fmt = input_format(list(dict.fromkeys(key for row in rows for key in row)))
     return [to_example(row, fmt, number, system) for number, row in enumerate(rows, 1)]
 
 
 def done_rows(output: Path) -> dict[int, dict]:
-    """Rows already answered in a previous run; a torn last line (an interrupted write) is dropped."""
-    if not output.is_file():
+    """Rows a previous `ftkit predict` wrote to this file. A file it did not write is refused, untouched; a torn
+    last line (a run killed mid-write) is cut off so the row is answered again."""
+    if not output.is_file() or output.stat().st_size == 0:
         return {}
-    done, lines = {}, output.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            done[int(record["row"])] = record
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            if number == len(lines):
-                break
-            raise FtkitError(f"{output}:{number}: not a prediction line; choose another --output") from None
-    output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()), encoding="utf-8")
+    data = output.read_bytes()
+    *complete, torn = data.split(b"\n")
+    done = {}
+    for line in complete:
+        record = prediction(line)
+        if record is None:
+            raise FtkitError(f"--output '{output}' exists and was not written by ftkit predict; choose another "
+                             "--output (a rerun resumes only ftkit predict's own output)")
+        done[record["row"]] = record
+    if torn:  # our own line cut short by a kill; a bare prefix of the mark only after lines of ours
+        text = torn.decode("utf-8", errors="replace")
+        if not (text.startswith(MARK_PREFIX) or (done and MARK_PREFIX.startswith(text))):
+            raise FtkitError(f"--output '{output}' exists and was not written by ftkit predict; choose another "
+                             "--output (a rerun resumes only ftkit predict's own output)")
+        os.truncate(output, len(data) - len(torn))
     return done
+
+
+def prediction(line: bytes) -> dict | None:
+    """A line ftkit predict wrote, or None."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
+    ok = isinstance(record, dict) and record.get(MARK) == 1 and isinstance(record.get("row"), int)
+    return record if ok else None
 
 
 def run_predict(adapter: Path | None, model_dir: Path | None, base: str | None, input_path: Path, output: Path,
                 options: GenerationOptions, batch_size: int = 8, system: str | None = None,
                 dtype: str | None = None, worst: int = 3, trust_remote_code: bool = False, log=print) -> dict:
-    from ftkit.inference.generate import generate_batch
-    from ftkit.inference.loading import default_system, load_for_chat, quiet_loading
+    from ftkit.inference.loading import default_system
 
     options.check()
     if batch_size < 1:
         raise FtkitError("--batch-size must be at least 1")
-    examples = read_examples(Path(input_path), default_system(adapter or model_dir, system))
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    if (adapter is None) == (model_dir is None):
+        raise FtkitError("give exactly one of --adapter RUN_DIR or --model MODEL_DIR")
+    source, input_path, output = Path(adapter or model_dir), Path(input_path), Path(output)
+    if not source.is_dir():
+        raise FtkitError(f"{source}: no such directory")
+    check_arg_text(system, "--system")
+    check_input(input_path)
+    check_output(output, input_path)
     done = done_rows(output)
+    examples = read_examples(input_path, default_system(source, system))
     pending = [e for e in examples if e.row not in done]
     if done:
         log(f"{output}: {len(done)} of {len(examples)} rows already done; answering the other {len(pending)}")
     if pending:
-        quiet_loading()
-        model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype, trust_remote_code)
-        from tqdm.auto import tqdm
-
-        with output.open("a", encoding="utf-8") as sink, tqdm(total=len(pending), desc="predict", unit="row",
-                                                              file=sys.stderr, disable=None) as bar:
-            for start in range(0, len(pending), batch_size):
-                batch = pending[start:start + batch_size]
-                outputs = generate_batch(model, chat_format, [e.prompt for e in batch], options)
-                for example, text in zip(batch, outputs):
-                    record = {"row": example.row, "prompt": example.prompt, "output": text,
-                              "reference": example.reference}
-                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    done[example.row] = record
-                sink.flush()
-                bar.update(len(batch))
+        answer_rows(adapter, model_dir, base, dtype, trust_remote_code, pending, output, options, batch_size, done)
     log(f"wrote {output} ({len(done)} rows)")
     records = [done[e.row] for e in examples if e.row in done]
     metrics = score([r for r in records if r.get("reference") is not None])
     if metrics:
         log(format_metrics(metrics, worst))
     return metrics
+
+
+def answer_rows(adapter, model_dir, base, dtype, trust_remote_code, pending: list[Example], output: Path,
+                options: GenerationOptions, batch_size: int, done: dict) -> None:
+    """Generate batch by batch, appending each batch's lines and syncing them to disk before the next."""
+    from tqdm.auto import tqdm
+
+    from ftkit.inference.generate import generate_batch
+    from ftkit.inference.loading import load_for_chat, quiet_loading
+
+    quiet_loading()
+    model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype, trust_remote_code)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("a", encoding="utf-8") as sink, tqdm(total=len(pending), desc="predict", unit="row",
+                                                          file=sys.stderr, disable=None) as bar:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start:start + batch_size]
+            outputs = generate_batch(model, chat_format, [e.prompt for e in batch], options)
+            for example, text in zip(batch, outputs):
+                record = {MARK: 1, "row": example.row, "prompt": example.prompt, "output": text,
+                          "reference": example.reference}
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                done[example.row] = record
+            sink.flush()
+            os.fsync(sink.fileno())
+            bar.update(len(batch))
 
 
 def format_metrics(metrics: dict, worst: int = 3) -> str:

@@ -328,6 +328,8 @@ def run_serve(adapter: Path | None, model_dir: Path | None, base: str | None, op
     options.check()
     if queue_size < 0:
         raise FtkitError("--queue-size must be 0 or more")
+    if not 0 <= port <= 65535:
+        raise FtkitError(f"--port must be in 0..65535 (0: any free port), got {port}")
     sock = bind(host, port)
     quiet_loading()
     model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype, trust_remote_code)

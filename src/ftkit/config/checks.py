@@ -5,17 +5,31 @@ Each check returns (key, message) pairs so the recipe stage can report every pro
 
 from __future__ import annotations
 
+import difflib
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ftkit.config.arguments import ModelArguments
 from ftkit.data.templates import BUILTIN_TEMPLATES
-from ftkit.hub import looks_local
+from ftkit.errors import FtkitError
+from ftkit.files import read_text
+from ftkit.hub import RESERVED_NAMESPACES, looks_local
 
 if TYPE_CHECKING:
     from ftkit.config.recipe import Recipe
 
 Problems = list[tuple[str, str]]
 LEGACY_DATASET_KWARGS = {"add_special_tokens", "append_concat_token"}
+# transformers' reporting integrations (INTEGRATION_TO_CALLBACK in transformers/integrations/integration_utils.py)
+# plus its two words; a copy because importing that module imports torch, and validate must not.
+# tests/test_recipe.py fails when transformers' list changes.
+REPORT_TO = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow", "mlflow",
+             "neptune", "swanlab", "tensorboard", "trackio", "wandb")
+REPORT_TO_WORDS = ("all", "none")
+LORA_ONLY = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+             "lora_modules_to_save", "use_dora", "use_rslora")
+SEED_LIMIT = 2**32  # numpy's seeds
 
 
 def check(recipe: Recipe) -> Problems:
@@ -26,10 +40,12 @@ def check_model(recipe: Recipe) -> Problems:
     m, problems = recipe.model, []
     if not m.model_name_or_path:
         problems.append(("model_name_or_path", "missing: set it to a local model directory or a hub id"))
-    for key in ("model_name_or_path", "tokenizer_name_or_path"):
+    for key, needs in (("model_name_or_path", ("config.json",)),
+                       ("tokenizer_name_or_path", ("tokenizer_config.json", "tokenizer.json"))):
         name = getattr(m, key)
-        if name and looks_local(name) and not Path(name).expanduser().is_dir():
-            problems.append((key, f"'{name}' is not a directory (for a hub model use its id, e.g. google/gemma-2b)"))
+        problem = local_dir_problem(name, needs) if name else None
+        if problem:
+            problems.append((key, problem))
     if m.load_in_4bit and m.load_in_8bit:
         problems.append(("load_in_4bit", "load_in_4bit and load_in_8bit are exclusive: choose one"))
     if (m.load_in_4bit or m.load_in_8bit) and not m.use_peft:
@@ -41,7 +57,37 @@ def check_model(recipe: Recipe) -> Problems:
             problems.append(("lora_alpha", f"must be positive, got {m.lora_alpha}"))
         if not 0 <= m.lora_dropout < 1:
             problems.append(("lora_dropout", f"must be in [0, 1), got {m.lora_dropout}"))
+    else:
+        defaults = ModelArguments()
+        unused = [k for k in LORA_ONLY if getattr(m, k) != getattr(defaults, k)]
+        if unused:
+            recipe.notes.append(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} ignored without "
+                                "use_peft: true")
     return problems
+
+
+def local_dir_problem(name: str, needs: tuple[str, ...]) -> str | None:
+    """A local model or tokenizer path that is missing, or a directory without the file that makes it one."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if any((path / file).is_file() for file in needs):
+            return None
+        if (path / "adapter_config.json").is_file():
+            return (f"'{name}' is a LoRA adapter (adapter_config.json), not a model; use its base model, or merge it "
+                    f"first: ftkit merge --adapter {name} --output DIR")
+        what = "model" if "config.json" in needs else "tokenizer"
+        return f"'{name}' has no {' or '.join(needs)}, so it is not a {what} directory"
+    if not looks_local(name):
+        return None
+    siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+    close = difflib.get_close_matches(path.name, siblings, n=1)
+    if close:
+        hint = f"did you mean '{path.parent / close[0]}'?"
+    elif name.split("/", 1)[0] in RESERVED_NAMESPACES:  # never a hub id: say where the path was looked for
+        hint = f"relative to {Path.cwd()}"
+    else:
+        hint = "for a hub model use its id, e.g. google/gemma-2b"
+    return f"'{name}' is not a directory ({hint})"
 
 
 def check_data(recipe: Recipe) -> Problems:
@@ -52,35 +98,77 @@ def check_data(recipe: Recipe) -> Problems:
     if len(given) > 1:
         problems.append((given[1], f"give one of {', '.join(given)}, not several"))
     for source, weight in (d.dataset_mixer or {}).items():
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+        if not is_number(weight) or not weight >= 0:
             problems.append(("dataset_mixer", f"weight of '{source}' must be a number >= 0, got {weight!r}"))
     problems += check_sources(recipe)
     if d.dataset_splits is not None and not all(isinstance(s, str) for s in d.dataset_splits):
         problems.append(("dataset_splits", "must be a list of split names"))
-    if d.test_split_size is not None and d.test_split_size <= 0:
-        problems.append(("test_split_size", f"must be a fraction in (0, 1) or a row count, got {d.test_split_size}"))
+    problems += check_test_split(recipe)
     if d.streaming and recipe.sft.get("max_steps", -1) <= 0:
         problems.append(("streaming", "a streamed dataset has no known length: set max_steps"))
-    template = d.chat_template
-    if template and template not in BUILTIN_TEMPLATES and "{" not in template and not Path(template).is_file():
-        names = ", ".join(BUILTIN_TEMPLATES)
-        problems.append(("chat_template", f"'{template}' is neither a built-in template ({names}) nor a file"))
+    problems += check_template(d.chat_template)
     return problems
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_test_split(recipe: Recipe) -> Problems:
+    """A fraction below 0.5 or a whole number of rows; the count is checked against the rows when they are read."""
+    from ftkit.data.sources import mixture_option
+
+    key, size, label = "test_split_size", recipe.data.test_split_size, ""
+    if size is None:  # inside dataset_mixture: name the field
+        key, size, label = "dataset_mixture", mixture_option(recipe.data, "test_split_size"), "test_split_size "
+    if size is None:
+        return []
+    if not is_number(size) or size <= 0:
+        problem = f"must be a fraction in (0, 0.5) or a row count, got {size!r}"
+    elif 0.5 <= size < 1:
+        problem = (f"{size} would leave no more training rows than eval rows; use a fraction below 0.5 (e.g. 0.1) "
+                   "or a row count")
+    elif size >= 1 and size != int(size):
+        problem = f"{size} is neither a fraction below 1 nor a whole number of rows"
+    elif recipe.data.streaming and size < 1:
+        problem = (f"{size} is a fraction, and with streaming: true the stream's length is unknown: give a row "
+                   "count (e.g. 100)")
+    else:
+        return []
+    return [(key, label + problem)]
+
+
+def check_template(template: str | None) -> Problems:
+    if not template or template in BUILTIN_TEMPLATES or "{" in template:
+        return []
+    if not Path(template).expanduser().is_file():
+        names = ", ".join(BUILTIN_TEMPLATES)
+        return [("chat_template", f"'{template}' is neither a built-in template ({names}) nor a file")]
+    try:
+        read_text(Path(template).expanduser(), "chat template (Jinja text)")
+    except FtkitError as err:
+        return [("chat_template", str(err))]
+    return []
+
+
 def check_sources(recipe: Recipe) -> Problems:
-    from ftkit.data.sources import SourceSpec, sources_from_recipe
+    from ftkit.data.formats import FORMATS
+    from ftkit.data.loading import local_files
+    from ftkit.data.sources import SourceSpec, SourcesError, sources_from_recipe
 
     problems = []
     try:
         specs: list[SourceSpec] = sources_from_recipe(recipe.data)
-    except ValueError as err:
-        return [("dataset_mixture", str(err))]
-    from ftkit.data.formats import FORMATS
-
+    except SourcesError as err:
+        return [(err.key, str(err))]
     for spec in specs:
         if looks_local(spec.path) and not Path(spec.path).expanduser().exists():
             problems.append((spec.key, f"data source '{spec.path}' does not exist"))
+        else:
+            try:
+                local_files(spec)
+            except FtkitError as err:
+                problems.append((spec.key, str(err)))
         if spec.format is not None and spec.format not in FORMATS:
             problems.append((spec.key, f"format '{spec.format}' of '{spec.path}' is not one of {', '.join(FORMATS)}"))
     return problems
@@ -100,8 +188,16 @@ def check_training(recipe: Recipe) -> Problems:
         at_least(key, 1)
     at_least("warmup_steps", 0)
     at_least("max_grad_norm", 0)
-    if s.get("max_steps", -1) <= 0 and s.get("num_train_epochs", 1) <= 0:
+    if s.get("max_steps", -1) < -1:
+        problems.append(("max_steps", f"must be a number of steps, or -1 to train for num_train_epochs; got "
+                         f"{s['max_steps']}"))
+    elif s.get("max_steps", -1) <= 0 and s.get("num_train_epochs", 1) <= 0:
         problems.append(("num_train_epochs", "must be > 0 when max_steps is not set"))
+    for key in ("seed", "data_seed"):
+        if s.get(key) is not None and not 0 <= s[key] < SEED_LIMIT:
+            problems.append((key, f"must be in [0, 2**32), got {s[key]}"))
+    problems += check_report_to(s.get("report_to")) + check_resume(s.get("resume_from_checkpoint"))
+    problems += check_output_dir(recipe)
     if s.get("bf16") and s.get("fp16"):
         problems.append(("bf16", "bf16 and fp16 are exclusive: choose one"))
     kwargs = s.get("dataset_kwargs")
@@ -112,6 +208,44 @@ def check_training(recipe: Recipe) -> Problems:
         )
         s["dataset_kwargs"] = {k: v for k, v in kwargs.items() if k not in LEGACY_DATASET_KWARGS} or None
     return problems
+
+
+def check_report_to(report) -> Problems:
+    names = [report] if isinstance(report, str) else report or []
+    bad = [name for name in names if name not in REPORT_TO + REPORT_TO_WORDS]
+    if not bad:
+        return []
+    close = difflib.get_close_matches(str(bad[0]), REPORT_TO, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return [("report_to", f"{bad[0]!r} is not a reporting integration{hint}; use one or more of: "
+             f"{', '.join(REPORT_TO)}, or all, or none")]
+
+
+def check_resume(resume) -> Problems:
+    """resume_from_checkpoint: true (the newest checkpoint of output_dir) or the path of a checkpoint-N."""
+    if not isinstance(resume, str):
+        return []
+    path = Path(resume).expanduser()
+    if not path.exists():
+        return [("resume_from_checkpoint", f"'{resume}' does not exist; give a checkpoint-N directory, or true for "
+                 "the newest checkpoint in output_dir")]
+    if not (path / "trainer_state.json").is_file():
+        return [("resume_from_checkpoint", f"'{resume}' is not a complete checkpoint directory (no "
+                 "trainer_state.json)")]
+    return []
+
+
+def check_output_dir(recipe: Recipe) -> Problems:
+    """output_dir may not be, or contain, the model being trained: replacing a run there would delete it."""
+    out = recipe.output_dir().expanduser().resolve()
+    for key in ("model_name_or_path", "tokenizer_name_or_path"):
+        name = getattr(recipe.model, key)
+        if name and Path(name).expanduser().is_dir():
+            source = Path(name).expanduser().resolve()
+            if source == out or out in source.parents:
+                return [("output_dir", f"'{recipe.output_dir()}' {'is' if source == out else 'contains'} the "
+                         f"{key} directory '{name}'; choose another output_dir")]
+    return []
 
 
 # Attention kernels that keep packed sequences apart in a training forward. TRL's padding-free collator sends

@@ -16,6 +16,7 @@ import yaml
 
 from ftkit.config.precision import GPU_WITH_BF16, training_precision
 from ftkit.errors import FtkitError
+from ftkit.files import read_text
 
 SHARDED_STORAGE = ("bfloat16", "float16", "float32")
 
@@ -49,7 +50,7 @@ def read_config(path: Path) -> Plan:
     if not path.is_file():
         raise FtkitError(f"--launcher: accelerate config '{path}' does not exist (see accelerate_configs/)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(read_text(path, "accelerate config")) or {}
     except yaml.YAMLError as err:
         raise FtkitError(f"--launcher: '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict) or "distributed_type" not in data:

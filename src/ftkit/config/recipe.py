@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -22,6 +23,7 @@ import yaml
 
 from ftkit.config.arguments import DataArguments, ModelArguments, RunArguments
 from ftkit.errors import FtkitError
+from ftkit.files import read_text
 
 # Old names still found in published recipes -> current name. Accepted with a one-line note.
 RENAMED = {
@@ -48,6 +50,7 @@ HANDLED_SFT_KEYS = {"assistant_only_loss", "completion_only_loss", "dataset_text
 # Values TrainingArguments types too narrowly: Trainer.train(resume_from_checkpoint=True) resumes the latest.
 EXTRA_KINDS = {"resume_from_checkpoint": ["bool"]}
 SECRET_PATTERN = re.compile(r"(token|secret|password|api_key)$")
+INT64 = 2**63
 SECTIONS = {"model": ModelArguments, "data": DataArguments, "run": RunArguments}
 
 
@@ -146,7 +149,7 @@ def coerce(value: Any, kinds: list[str]) -> Any:
             return value
         return int(number) if "int" in kinds and "float" not in kinds and number.is_integer() else number
     if kind == "int" and "int" not in kinds and "float" in kinds:
-        return float(value)
+        return float(value) if abs(value) < INT64 else value  # a huge int is reported, not an OverflowError
     if kind == "bool" and "bool" not in kinds and "str" in kinds:
         return "yes" if value else "no"  # YAML 1.1 reads `save_strategy: no` as false; the user meant "no"
     if kind == "str" and "list" in kinds and "str" not in kinds:
@@ -160,6 +163,10 @@ def check_value(key: str, value: Any, kinds: list[str], choices: list | None) ->
     if kind not in kinds and "object" not in kinds:
         expected = " or ".join(k for k in kinds if k != "null")
         return f"expected {expected}, got {kind} {value!r}"
+    if kind == "float" and not math.isfinite(value):  # YAML's .nan/.inf: no key means either
+        return f"must be a finite number, got {value}"
+    if kind == "int" and not -INT64 <= value < INT64:  # torch, numpy and Arrow overflow past int64
+        return f"{value} is out of range (the largest accepted number is {INT64 - 1})"
     if choices and isinstance(value, str) and value not in choices:
         close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -168,18 +175,27 @@ def check_value(key: str, value: Any, kinds: list[str], choices: list | None) ->
     return None
 
 
+def yaml_problem(path: Path, text: str, err: yaml.YAMLError) -> str:
+    """PyYAML's error as one line with the file and line it is on."""
+    if isinstance(err, yaml.reader.ReaderError):  # a control character: no mark, a position
+        line = text.count("\n", 0, err.position) + 1
+        code = err.character if isinstance(err.character, int) else ord(err.character)
+        return (f"{path}:{line}: not valid YAML: control character 0x{code:02x} is not allowed (remove it, or write "
+                "it as an escape inside double quotes)")
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark else str(path)
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())  # PyYAML's messages span lines
+    return f"{where}: not valid YAML: {problem}"
+
+
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """Load a recipe with yaml.safe_load semantics, plus the line of every top-level key."""
-    if not path.is_file():
-        raise FtkitError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "recipe file")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise FtkitError(f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}") from None
+        raise FtkitError(yaml_problem(path, text, err)) from None
     if data is None:
         raise FtkitError(f"{path}: the recipe is empty; it needs at least model_name_or_path and a dataset")
     if not isinstance(data, dict):

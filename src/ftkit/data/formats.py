@@ -107,7 +107,8 @@ def from_prompt_completion(row: dict) -> list[dict]:
 
 
 def check_conversation(messages: list[dict]) -> None:
-    """Roles known, a system turn only first, user and assistant alternating, no empty assistant turn."""
+    """Roles known, a system turn only first, a user turn first after it, user and assistant alternating, no empty
+    assistant turn."""
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRow("no assistant turn: nothing to learn from")
     previous = None
@@ -119,6 +120,9 @@ def check_conversation(messages: list[dict]) -> None:
             raise BadRow(f"turn {i + 1}: content must be text")
         if role == "system" and i != 0:
             raise BadRow(f"turn {i + 1}: a system turn may only come first")
+        if role == "assistant" and previous in (None, "system"):
+            raise BadRow(f"turn {i + 1}: the conversation starts with an assistant turn; an answer needs a user turn "
+                         "before it")
         if role == "assistant" and not m["content"].strip():
             raise BadRow(f"turn {i + 1}: empty assistant turn")
         if role != "system" and role == previous:

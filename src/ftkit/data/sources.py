@@ -11,6 +11,18 @@ from typing import Any
 from ftkit.config.arguments import DataArguments
 
 
+class SourcesError(ValueError):
+    """A malformed dataset key; `key` is the recipe key to name."""
+
+    def __init__(self, message: str, key: str = "dataset_mixture"):
+        super().__init__(message)
+        self.key = key
+
+
+MIXTURE_OPTIONS = {"datasets", "seed", "test_split_size"}
+ENTRY_FIELDS = {"id", "path", "config", "revision", "split", "splits", "columns", "weight", "system_prompt", "format"}
+
+
 @dataclass
 class SourceSpec:
     path: str  # hub id, local file or folder
@@ -29,7 +41,7 @@ def sources_from_recipe(data: DataArguments) -> list[SourceSpec]:
     if data.dataset_mixer:
         configs = data.dataset_configs or [None] * len(data.dataset_mixer)
         if len(configs) != len(data.dataset_mixer):
-            raise ValueError("dataset_configs needs one entry per dataset_mixer source")
+            raise SourcesError("needs one entry per dataset_mixer source", "dataset_configs")
         return [
             SourceSpec(path=str(name), weight=float(w), config=c, splits=list(splits))
             for (name, w), c in zip(data.dataset_mixer.items(), configs)
@@ -44,31 +56,46 @@ def sources_from_recipe(data: DataArguments) -> list[SourceSpec]:
 
 
 def mixture_entries(mixture: Any) -> list:
+    if isinstance(mixture, dict):
+        unknown = set(mixture) - MIXTURE_OPTIONS
+        if unknown:
+            raise SourcesError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}; known: "
+                               f"{', '.join(sorted(MIXTURE_OPTIONS))}")
+        seed = mixture.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
+            raise SourcesError(f"seed must be a whole number in [0, 2**32), got {seed!r}")
     entries = mixture.get("datasets") if isinstance(mixture, dict) else mixture
     if not isinstance(entries, list) or not entries:
-        raise ValueError("expected a list of {id, config, split, columns, weight} (or that list under 'datasets')")
+        raise SourcesError("expected a list of {id, config, split, columns, weight} (or that list under 'datasets')")
     return entries
 
 
 def mixture_entry(entry: Any, index: int) -> SourceSpec:
-    known = {"id", "path", "config", "revision", "split", "splits", "columns", "weight", "system_prompt", "format"}
+    where = f"entry {index + 1}"
     if not isinstance(entry, dict) or not (entry.get("id") or entry.get("path")):
-        raise ValueError(f"entry {index + 1} needs an 'id' (hub id or local path)")
-    unknown = set(entry) - known
+        raise SourcesError(f"{where} needs an 'id' (hub id or local path)")
+    unknown = set(entry) - ENTRY_FIELDS
     if unknown:
-        raise ValueError(f"entry {index + 1}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        raise SourcesError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; known: "
+                           f"{', '.join(sorted(ENTRY_FIELDS))}")
+    for name in ("id", "path", "config", "revision", "system_prompt", "format"):
+        if entry.get(name) is not None and not isinstance(entry[name], str):
+            raise SourcesError(f"{where}: '{name}' must be text, got {entry[name]!r}")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise SourcesError(f"{where}: 'weight' must be a number >= 0, got {weight!r}")
     split = entry.get("splits") or entry.get("split") or "train"
-    return SourceSpec(
-        path=str(entry.get("id") or entry.get("path")),
-        weight=float(entry.get("weight", 1.0)),
-        config=entry.get("config"),
-        splits=[split] if isinstance(split, str) else list(split),
-        columns=entry.get("columns"),
-        system_prompt=entry.get("system_prompt"),
-        format=entry.get("format"),
-        revision=entry.get("revision"),
-        key="dataset_mixture",
-    )
+    splits = [split] if isinstance(split, str) else split
+    if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
+        raise SourcesError(f"{where}: 'split' must be a split name or a list of them, got {split!r}")
+    columns = entry.get("columns")
+    names = list(columns) + list(columns.values()) if isinstance(columns, dict) else columns
+    if columns is not None and not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+        raise SourcesError(f"{where}: 'columns' must be a list of column names or a mapping {{theirs: ours}}, "
+                           f"got {columns!r}")
+    return SourceSpec(path=entry.get("id") or entry["path"], weight=float(weight), config=entry.get("config"),
+                      splits=list(splits), columns=columns, system_prompt=entry.get("system_prompt"),
+                      format=entry.get("format"), revision=entry.get("revision"), key="dataset_mixture")
 
 
 def mixture_option(data: DataArguments, name: str) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ftkit.data.chat_format import ChatFormat
 from ftkit.data.formats import BadRow, detect_format, to_internal
-from ftkit.data.loading import BUILDERS, is_eval_split, local_files
+from ftkit.data.loading import BUILDERS, check_not_empty, is_eval_split, local_files
 from ftkit.data.sources import SourceSpec, data_seed, sources_from_recipe
 from ftkit.data.tokenize import DataStats, Prepared, encode_batch
 from ftkit.errors import FtkitError
@@ -21,6 +21,8 @@ def stream_split(spec: SourceSpec, split: str):
 
     files = local_files(spec)
     if files is not None:
+        for path in files:
+            check_not_empty(path)
         builder = BUILDERS[files[0].suffix.lower()]
         kwargs = {"delimiter": "\t"} if files[0].suffix.lower() == ".tsv" else {}
         return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True,
