@@ -14,7 +14,8 @@ import yaml
 
 from ftkit.config.arguments import DataArguments, ModelArguments, RunArguments
 from ftkit.errors import FtkitError
-from ftkit.config.recipe import load_recipe, sft_schema
+from ftkit.config.recipe import load_recipe
+from ftkit.config.schema import sft_schema
 from tests.helpers import ROOT, ftkit
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from ftkit.config.recipe import Recipe
+from ftkit.config.schema import Recipe
 
 
 def percentiles(values: list[int]) -> dict[str, int]:

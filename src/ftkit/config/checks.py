@@ -8,16 +8,14 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ftkit.config.arguments import ModelArguments
+from ftkit.config.schema import Recipe
 from ftkit.data.templates import BUILTIN_TEMPLATES
 from ftkit.errors import FtkitError
 from ftkit.files import read_text
 from ftkit.hub import RESERVED_NAMESPACES, looks_local
 
-if TYPE_CHECKING:
-    from ftkit.config.recipe import Recipe
 
 Problems = list[tuple[str, str]]
 LEGACY_DATASET_KWARGS = {"add_special_tokens", "append_concat_token"}

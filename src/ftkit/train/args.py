@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ftkit.config.recipe import HANDLED_SFT_KEYS, SECRET_PATTERN, Recipe
+from ftkit.config.schema import HANDLED_SFT_KEYS, SECRET_PATTERN, Recipe
 from ftkit.errors import FtkitError
 from ftkit.train import options as train_options
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ftkit import rundir
-from ftkit.config.recipe import Recipe
+from ftkit.config.schema import Recipe
 from ftkit.errors import FtkitError, Interrupted
 
 
