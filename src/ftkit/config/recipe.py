@@ -137,9 +137,11 @@ def _type_name(value: Any) -> str:
     return {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "dict"}.get(type(value), "object")
 
 
-def coerce(value: Any, kinds: list[str]) -> Any:
-    """YAML reads `1e-4` as a string and `3` as an int; accept what the field obviously means."""
+def coerce(value: Any, kinds: list[str], choices: list | None = None) -> Any:
+    """YAML reads `1e-4` as a string, `3` as an int and `no` as false; accept what the field obviously means."""
     kind = _type_name(value)
+    if kind == "bool" and "bool" not in kinds and "str" in kinds and ("yes" if value else "no") in (choices or []):
+        return "yes" if value else "no"  # save_strategy: no
     if kind == "str" and "str" not in kinds and ("float" in kinds or "int" in kinds):
         try:
             number = float(value)
@@ -259,7 +261,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
             problems.append(f"{where}: unknown key '{key}'{suggest(key, table)}")
             continue
         section, kinds, choices = table[key]
-        value = coerce(value, kinds)
+        value = coerce(value, kinds, choices)
         problem = check_value(key, value, kinds, choices)
         if problem:
             problems.append(f"{where}: '{key}': {problem}")
