@@ -122,16 +122,19 @@ def done_rows(output: Path) -> dict[int, dict]:
     for line in complete:
         record = prediction(line)
         if record is None:
-            raise FtkitError(f"--output '{output}' exists and was not written by ftkit predict; choose another "
-                             "--output (a rerun resumes only ftkit predict's own output)")
+            raise not_ours(output)
         done[record["row"]] = record
     if torn:  # our own line cut short by a kill; a bare prefix of the mark only after lines of ours
         text = torn.decode("utf-8", errors="replace")
         if not (text.startswith(MARK_PREFIX) or (done and MARK_PREFIX.startswith(text))):
-            raise FtkitError(f"--output '{output}' exists and was not written by ftkit predict; choose another "
-                             "--output (a rerun resumes only ftkit predict's own output)")
+            raise not_ours(output)
         os.truncate(output, len(data) - len(torn))
     return done
+
+
+def not_ours(output: Path) -> FtkitError:
+    return FtkitError(f"--output '{output}' exists and was not written by ftkit predict; choose another --output "
+                      "(a rerun resumes only ftkit predict's own output)")
 
 
 def prediction(line: bytes) -> dict | None:

@@ -27,7 +27,7 @@ def _type_name(value: Any) -> str:
 
 
 def coerce(value: Any, kinds: list[str]) -> Any:
-    """YAML reads `1e-4` as a string and `3` as an int; accept what the field obviously means."""
+    """YAML reads `1e-4` as a string, `3` as an int and `no` as false; accept what the field obviously means."""
     kind = _type_name(value)
     if kind == "str" and "str" not in kinds and ("float" in kinds or "int" in kinds):
         try:
