@@ -96,7 +96,7 @@ def lora_recipe(model: Path, data: Path, out: Path, **keys) -> dict:
             "lora_target_modules": "all-linear", "dataset_mixer": {str(data): 1.0}, "output_dir": str(out),
             "per_device_train_batch_size": 8, "max_length": 2048, "max_steps": 10, "learning_rate": 1e-4,
             "lr_scheduler_type": "constant", "gradient_checkpointing": False, "logging_steps": 1,
-            "save_strategy": "no", "report_to": "none", "seed": 0, **keys}
+            "save_strategy": "no", "report_to": "none", "seed": 0, "overwrite_output_dir": True, **keys}
 
 
 def machine() -> dict:

@@ -5,7 +5,7 @@ padding-free batches; tokens/s, MFU and peak memory beside `ftkit estimate`. Run
     bash bench/gpu.sh              # CUDA machine: writes bench/results/gpu-<device>.json
     bash bench/gpu.sh --dry-run    # CPU, tiny model, 2 steps per case: checks the script (CI)
 
-MFU = 6 x parameters x real (non-pad) tokens/s / the GPU's peak dense bf16 FLOPS (table below; "unknown" for
+MFU = 6 x parameters x real (non-pad) tokens/s (steps after the first) / the GPU's peak dense bf16 FLOPS (table below; "unknown" for
 other GPUs); 6N per token leaves out attention's own FLOPs and counts the frozen weights of LoRA/QLoRA as if
 trained, the usual convention. Peak memory is torch.cuda.max_memory_allocated (train_summary.json's
 peak_memory_mb), beside `ftkit estimate --json`'s total, which assumes every batch is batch x max_length

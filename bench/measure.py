@@ -86,12 +86,18 @@ def install() -> None:
 
 
 def step_times(counter: BatchCounter) -> dict:
+    """Step times and throughput over the steps after the first (which pays for lazy initialisation: kernels,
+    allocator), from the first step's start to the end of training."""
     starts, ended = counter.starts, counter.ended
     if len(starts) < 2 or ended is None:
-        return {"first_step_ms": None, "mean_step_ms": None}
-    # The first step pays for lazy initialisation (kernels, allocator); the mean is over the steps after it.
+        return {"first_step_ms": None, "mean_step_ms": None, "real_tokens_per_s": None, "loss_tokens_per_s": None}
+    steady = ended - starts[1]
+    later = counter.parts[1:]
+    real = sum(p[0] - int(p[1]) for p in later)
+    loss = sum(int(p[2]) for p in later)
     return {"first_step_ms": round(1000 * (starts[1] - starts[0]), 1),
-            "mean_step_ms": round(1000 * (ended - starts[1]) / (len(starts) - 1), 1)}
+            "mean_step_ms": round(1000 * steady / (len(starts) - 1), 1),
+            "real_tokens_per_s": round(real / steady, 1), "loss_tokens_per_s": round(loss / steady, 1)}
 
 
 def first_line(err: BaseException) -> str:
@@ -117,12 +123,8 @@ def measure(recipe_path: Path, log=print) -> dict:
     summary = json.loads((out / "train_summary.json").read_text())
     meta = json.loads((out / "ftkit_run.json").read_text()) if (out / "ftkit_run.json").is_file() else {}
     totals = COUNTER.totals()
-    runtime = summary["train_runtime_s"]
-    return {"status": "ok", "steps": summary["global_step"], "train_runtime_s": runtime,
-            **totals, **step_times(COUNTER),
-            "real_tokens_per_s": round(totals["real_tokens"] / runtime, 1),
-            "loss_tokens_per_s": round(totals["loss_tokens"] / runtime, 1),
-            "ftkit_tokens_per_s": summary["tokens_per_second"], "peak_memory_mb": summary["peak_memory_mb"],
+    return {"status": "ok", "steps": summary["global_step"], "train_runtime_s": summary["train_runtime_s"],
+            **totals, **step_times(COUNTER), "ftkit_tokens_per_s": summary["tokens_per_second"], "peak_memory_mb": summary["peak_memory_mb"],
             "weights_dtype": meta.get("dtype"), "quantization": meta.get("quantization"), "final_train_loss": summary["final_train_loss"],
             **COUNTER.trainer_facts}
 

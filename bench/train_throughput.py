@@ -2,12 +2,14 @@
 (bfd, bfd_split, wrapped), gradient checkpointing on and off, on synthetic chats with skewed lengths.
 
     python bench/train_throughput.py                  # tiny model on this CPU, a few minutes
+    python bench/train_throughput.py --reps 3         # medians of 3, order reversed every other repetition
     python bench/train_throughput.py --model DIR --rows 4000 --steps 50 --max-length 4096 \
         --set attn_implementation=flash_attention_2   # a real model on a GPU
 
 Each mode trains through ftkit (`run_training` on a generated LoRA recipe; bench/measure.py), by default in
-its own process so peak memory is the mode's own. Reported per mode: real (non-pad) tokens/s, tokens/s that
-carry loss, ftkit's own tokens/s (train_summary.json: every token the model saw, pads included), padding
+its own process so peak memory is the mode's own. Reported per mode: real (non-pad) tokens/s and tokens/s
+that carry loss, both over the steps after the first (the first pays for lazy initialisation), ftkit's own
+tokens/s (train_summary.json: every token the model saw, pads included, over the whole train loop), padding
 fraction (pad tokens / all tokens in the batches the model saw), mean step time after the first step, peak
 memory (CPU: max RSS; CUDA: torch.cuda.max_memory_allocated). A mode ftkit refuses reads
 "refused: <its error line>". Chats: lognormal lengths (median 250 tokens, sigma 1), clipped to 20-2,000 (and
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per run (0: leave as set)")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="extra recipe key for every mode (YAML value), e.g. attn_implementation=sdpa")
+    parser.add_argument("--reps", type=int, default=1,
+                        help="repetitions, order reversed every other one; figures are medians (default 1)")
     parser.add_argument("--one-process", action="store_true",
                         help="run every mode in this process (faster start; peak memory is then the process's so far)")
     parser.add_argument("--out", type=Path, help="result file (default bench/results/train_throughput-<device>.json)")
@@ -102,8 +107,34 @@ def run_modes(recipes: dict[str, Path], tmp: Path, threads: int, one_process: bo
             results[name] = {"status": f"error: exit {run.returncode}: {tail}"}
         else:
             results[name] = json.loads(out.read_text())[0]
+        out.unlink(missing_ok=True)
         print(f"  {name}: {results[name]['status']}", flush=True)
     return results
+
+
+TIMED = ("real_tokens_per_s", "loss_tokens_per_s", "ftkit_tokens_per_s", "mean_step_ms", "first_step_ms",
+         "train_runtime_s", "peak_memory_mb")
+
+
+def combine(runs: list[dict]) -> dict:
+    """Medians of the timed figures over repetitions; the counts are the same in every repetition."""
+    failed = [r for r in runs if r["status"] != "ok"]
+    if failed or len(runs) == 1:
+        return failed[0] if failed else runs[0]
+    out = {**runs[0], "repetitions": len(runs)}
+    for key in TIMED:
+        out[key] = round(statistics.median(r[key] for r in runs), 1)
+    out["real_tokens_per_s_each"] = [r["real_tokens_per_s"] for r in runs]
+    return out
+
+
+def repeat(recipes: dict[str, Path], tmp: Path, args: argparse.Namespace) -> dict[str, dict]:
+    runs: dict[str, list[dict]] = {name: [] for name in recipes}
+    for rep in range(args.reps):
+        order = list(recipes) if rep % 2 == 0 else list(reversed(recipes))
+        for name, result in run_modes({n: recipes[n] for n in order}, tmp, args.threads, args.one_process).items():
+            runs[name].append(result)
+    return {name: combine(results) for name, results in runs.items()}
 
 
 def table(modes: dict[str, dict]) -> str:
@@ -136,14 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
             recipes[name] = common.write_recipe(tmp / f"{name}.yml", **keys)
         device = device_name()
         print(f"training {len(recipes)} mode(s), {args.steps} steps each, on {device}", flush=True)
-        modes = run_modes(recipes, tmp, args.threads, args.one_process)
+        modes = repeat(recipes, tmp, args)
     result = {
         "what": "ftkit LoRA training throughput per batching mode (bench/train_throughput.py)",
         "command": "python bench/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": device, "machine": common.machine(),
         "settings": {"model": str(args.model or "tiny (scripts/make_tiny_model.py)"), "rows": args.rows,
                      "steps": args.steps, "max_length": args.max_length, "per_device_train_batch_size": args.batch,
-                     "threads": args.threads or None, "one_process": args.one_process, "extra_recipe_keys": extra},
+                     "threads": args.threads or None, "one_process": args.one_process, "repetitions": args.reps, "extra_recipe_keys": extra},
         "data": stats,
         "modes": {name: {"recipe_keys": MODES[name], **modes[name]} for name in modes},
     }
