@@ -99,16 +99,23 @@ def lora_recipe(model: Path, data: Path, out: Path, **keys) -> dict:
             "save_strategy": "no", "report_to": "none", "seed": 0, "overwrite_output_dir": True, **keys}
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15-minute load: on a shared machine, how busy the others kept it."""
+    try:
+        with open("/proc/loadavg") as handle:
+            return [float(x) for x in handle.read().split()[:3]]
+    except OSError:
+        return None
+
+
 def machine() -> dict:
-    """CPU model, cores, load and library versions: the context a figure needs to be compared."""
-    info = {"cpu": platform.processor() or platform.machine(), "cores": None, "load_average": None}
+    """CPU model, cores, load (at the start) and library versions: what a figure needs to be compared."""
+    info = {"cpu": platform.processor() or platform.machine(), "cores": None, "load_average": load_average()}
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         model = re.search(r"^Model name:\s*(.+)$", lscpu, re.M)
         cores = re.search(r"^CPU\(s\):\s*(\d+)$", lscpu, re.M)
         info.update(cpu=model.group(1).strip() if model else info["cpu"], cores=int(cores.group(1)) if cores else None)
-        with open("/proc/loadavg") as handle:
-            info["load_average"] = [float(x) for x in handle.read().split()[:3]]
     except (OSError, subprocess.SubprocessError):
         pass
     from importlib.metadata import PackageNotFoundError, version

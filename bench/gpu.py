@@ -80,6 +80,8 @@ def build_model(tmp: Path, dry_run: bool) -> Path:
     from estimate_gpu import build_model as build_1b  # random-init TinyLlama shape with the tiny tokenizer
 
     build_1b(tmp / "model", dry_run=False)
+    config = tmp / "model" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 2048}, indent=2))
     return tmp / "model"
 
 
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path even on a GPU machine
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     found = detect(args.dry_run)
+    machine = common.machine()
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="ftkit-gpu-bench-") as tmp_name:
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "(bench/gpu.sh)",
         "command": "bash bench/gpu.sh " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": found["device"], "dry_run": args.dry_run, "peak_bf16_tflops": peak if peak else "unknown",
-        "machine": common.machine(),
+        "machine": {**machine, "load_average_end": common.load_average()},
         "settings": {"model": "tiny (dry run)" if args.dry_run else "random-init Llama, TinyLlama-1.1B shape",
                      "steps": args.steps, "per_device_train_batch_size": args.batch, "max_length": args.max_length,
                      "gradient_checkpointing": args.gradient_checkpointing},

@@ -151,6 +151,7 @@ def table(modes: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     extra = extra_keys(args.extra)
+    machine = common.machine()
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="ftkit-bench-") as tmp_name:
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "what": "ftkit LoRA training throughput per batching mode (bench/train_throughput.py)",
         "command": "python bench/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": device, "machine": common.machine(),
+        "device": device, "machine": {**machine, "load_average_end": common.load_average()},
         "settings": {"model": str(args.model or "tiny (scripts/make_tiny_model.py)"), "rows": args.rows,
                      "steps": args.steps, "max_length": args.max_length, "per_device_train_batch_size": args.batch,
                      "threads": args.threads or None, "one_process": args.one_process, "repetitions": args.reps, "extra_recipe_keys": extra},

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--out", type=Path, default=common.ROOT / "bench" / "results" / "vs_trl.json")
     args = parser.parse_args(argv)
+    machine = common.machine()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     runs: dict[str, list[dict]] = {"ftkit": [], "trl": [], "ftkit --help": [], "ftkit validate": []}
     with tempfile.TemporaryDirectory(prefix="ftkit-vs-trl-") as tmp_name:
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"model": "tiny random-init Llama (scripts/make_tiny_model.py), fp32", "chats": len(chats()),
                      "lora": "r8 alpha16 all-linear + embed_tokens/lm_head", "batch": 4, "steps": args.steps,
                      "threads": 1, "repetitions": args.reps, "order": "alternated, ftkit first in odd repetitions"},
-        "machine": common.machine(),
+        "machine": {**machine, "load_average_end": common.load_average()},
         "median": {name: median_of(r) for name, r in runs.items()},
         "runs": runs,
     }
