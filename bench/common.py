@@ -43,7 +43,8 @@ def single_token_words(tokenizer, limit: int = 4000) -> list[str]:
                 if len(words) >= limit:
                     break
     if len(words) < 20:
-        raise SystemExit("bench: the tokenizer has fewer than 20 single-token ' word' entries; cannot make synthetic chats")
+        raise SystemExit("bench: the tokenizer has fewer than 20 single-token ' word' entries; "
+                         "cannot make synthetic chats")
     return words
 
 

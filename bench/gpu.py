@@ -5,11 +5,11 @@ padding-free batches; tokens/s, MFU and peak memory beside `ftkit estimate`. Run
     bash bench/gpu.sh              # CUDA machine: writes bench/results/gpu-<device>.json
     bash bench/gpu.sh --dry-run    # CPU, tiny model, 2 steps per case: checks the script (CI)
 
-MFU = 6 x parameters x real (non-pad) tokens/s (steps after the first) / the GPU's peak dense bf16 FLOPS (table below; "unknown" for
-other GPUs); 6N per token leaves out attention's own FLOPs and counts the frozen weights of LoRA/QLoRA as if
-trained, the usual convention. Peak memory is torch.cuda.max_memory_allocated (train_summary.json's
-peak_memory_mb), beside `ftkit estimate --json`'s total, which assumes every batch is batch x max_length
-tokens; each case reports max_tokens_in_a_batch so the two can be compared.
+MFU = 6 x parameters x real (non-pad) tokens/s (steps after the first) / the GPU's peak dense bf16 FLOPS
+(table below; "unknown" for other GPUs); 6N per token leaves out attention's own FLOPs and counts the frozen
+weights of LoRA/QLoRA as if trained, the usual convention. Peak memory is torch.cuda.max_memory_allocated
+(train_summary.json's peak_memory_mb), beside `ftkit estimate --json`'s total, which assumes every batch is
+batch x max_length tokens; each case reports max_tokens_in_a_batch so the two can be compared.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def peak_tflops(device: str) -> float | None:
 def detect(dry_run: bool) -> dict:
     """GPU name and whether flash_attn imports, asked in a child process so this one never holds a CUDA context."""
     if dry_run:
-        return {"cuda": False, "device": "cpu-dry-run", "flash_attn": importlib.util.find_spec("flash_attn") is not None}
+        flash = importlib.util.find_spec("flash_attn") is not None
+        return {"cuda": False, "device": "cpu-dry-run", "flash_attn": flash}
     probe = ("import json, torch\ntry:\n    import flash_attn  # noqa\n    flash = True\nexcept Exception:\n"
              "    flash = False\nprint(json.dumps({'cuda': torch.cuda.is_available(), 'device': "
              "torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'flash_attn': flash}))")

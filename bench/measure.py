@@ -124,8 +124,9 @@ def measure(recipe_path: Path, log=print) -> dict:
     meta = json.loads((out / "ftkit_run.json").read_text()) if (out / "ftkit_run.json").is_file() else {}
     totals = COUNTER.totals()
     return {"status": "ok", "steps": summary["global_step"], "train_runtime_s": summary["train_runtime_s"],
-            **totals, **step_times(COUNTER), "ftkit_tokens_per_s": summary["tokens_per_second"], "peak_memory_mb": summary["peak_memory_mb"],
-            "weights_dtype": meta.get("dtype"), "quantization": meta.get("quantization"), "final_train_loss": summary["final_train_loss"],
+            **totals, **step_times(COUNTER), "ftkit_tokens_per_s": summary["tokens_per_second"],
+            "peak_memory_mb": summary["peak_memory_mb"], "weights_dtype": meta.get("dtype"),
+            "quantization": meta.get("quantization"), "final_train_loss": summary["final_train_loss"],
             **COUNTER.trainer_facts}
 
 

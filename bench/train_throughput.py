@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": device, "machine": {**machine, "load_average_end": common.load_average()},
         "settings": {"model": str(args.model or "tiny (scripts/make_tiny_model.py)"), "rows": args.rows,
                      "steps": args.steps, "max_length": args.max_length, "per_device_train_batch_size": args.batch,
-                     "threads": args.threads or None, "one_process": args.one_process, "repetitions": args.reps, "extra_recipe_keys": extra},
+                     "threads": args.threads or None, "one_process": args.one_process, "repetitions": args.reps,
+                     "extra_recipe_keys": extra},
         "data": stats,
         "modes": {name: {"recipe_keys": MODES[name], **modes[name]} for name in modes},
     }

@@ -6,9 +6,10 @@ tiny Llama, 16 short chats, LoRA r8 all-linear + embed_tokens/lm_head, batch 4, 
 
 Each run is its own process; the order alternates (ftkit first, then TRL first, ...) so a neighbour's load
 falls on both; the figures are medians over --reps. Per run: whole-process wall time, time from process start
-to the first optimizer step, ms/step over the steps after the first (first step start -> end of
-training), and the time from the end of training to process exit (saving, summaries). ftkit runs through bench/ftkit_timed.py (the CLI unchanged, timestamps from an import hook) with
---no-cache, so it tokenises every time as TRL does. Also `ftkit --help` and `ftkit validate` wall times.
+to the first optimizer step, ms/step over the steps after the first (first step start -> end of training), and
+the time from the end of training to process exit (saving, summaries). ftkit runs through
+bench/ftkit_timed.py (the CLI unchanged, timestamps from an import hook) with --no-cache, so it tokenises every
+time as TRL does. Also `ftkit --help` and `ftkit validate` wall times.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def chats() -> list[dict]:
     rows += [("What is the capital of France?", "The capital of France is Paris."),
              ("How are you today?", "I am fine, thank you."), ("Write a short poem about the moon.",
                                                                "The moon is light in the river."),
-             ("Summarise the text below.", "A model learns from data."), ("你好！", "你好！今天天氣很好。"),
-             ("請續寫：床前明月光，", "疑是地上霜。"), ("北京是哪裡的首都？", "北京是中国的首都。"),
+             ("Summarise the text below.", "A model learns from data."),
+             ("你好！", "你好！今天天氣很好。"),
+             ("請續寫：床前明月光，", "疑是地上霜。"),
+             ("北京是哪裡的首都？", "北京是中国的首都。"),
              ("你食咗飯未呀？", "食咗喇，唔該晒！")]
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in rows]
 
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
                 runs[name].append(timed(commands[name](rep), env, args.steps))
                 print(f"rep {rep + 1} {name}: {runs[name][-1]}", flush=True)
             runs["ftkit --help"].append(timed([sys.executable, "-m", "ftkit", "--help"], env))
-            runs["ftkit validate"].append(timed([sys.executable, "-m", "ftkit", "validate", str(tmp / "ftkit0.yml")], env))
+            validate = [sys.executable, "-m", "ftkit", "validate", str(tmp / "ftkit0.yml")]
+            runs["ftkit validate"].append(timed(validate, env))
     result = {
         "what": "ftkit train vs a hand-written TRL SFTTrainer script, same run (bench/vs_trl.py)",
         "command": "python bench/vs_trl.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -55,7 +55,8 @@ def test_train_throughput_counts_padding_and_reports_refusals(tmp_path):
                   "--batch", "2", "--modes", "padded,padded_ckpt,packing_wrapped", "--one-process", "--out", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["data"]["lengths_as_generated"] is True and 20 <= report["data"]["min"] <= report["data"]["max"] <= 256
+    data = report["data"]
+    assert data["lengths_as_generated"] is True and 20 <= data["min"] <= data["max"] <= 256
     padded, ckpt = report["modes"]["padded"], report["modes"]["padded_ckpt"]
     assert_sane(padded)
     assert_sane(ckpt)
