@@ -195,9 +195,3 @@ def test_report_to_list_matches_transformers():
 
     assert sorted(REPORT_TO) == sorted(INTEGRATION_TO_CALLBACK)
 
-
-def test_unquoted_no_is_the_choice_not_false(tmp_path, data_file):
-    """YAML 1.1 reads `save_strategy: no` as false; the field's choices say what was meant."""
-    recipe = load_recipe(base(tmp_path, data_file, "save_strategy: no\n"), ["eval_strategy=no"])
-    assert recipe.sft["save_strategy"] == "no" and recipe.sft["eval_strategy"] == "no"
-    assert problems(base(tmp_path, data_file, "lr_scheduler_type: no\n"))[0].endswith("expected str, got bool False")
