@@ -203,3 +203,18 @@ def test_a_copied_run_cannot_turn_on_remote_code_by_itself(tmp_path, trained_run
     allowed = ftkit("chat", "--adapter", str(run), "--prompt", "hi", "--trust-remote-code", "--max-new-tokens", "2")
     assert allowed.returncode == 0, allowed.stderr[-2000:]  # a local Llama has no remote code: it loads as usual
     assert not (tmp_path / "m").exists() and not (tmp_path / "p.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_overwrite_into_a_foreign_folder_removes_none_of_its_files(tiny_model, tmp_path):
+    """overwrite_output_dir on a folder ftkit never wrote: train into it, delete nothing that was there."""
+    out = tmp_path / "shared"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "mine.txt").write_text("my tensorboard notes\n", encoding="utf-8")
+    (out / "samples.md").write_text("my samples\n", encoding="utf-8")
+    recipe = make_recipe(tmp_path, tiny_model, "shared", max_steps=2, overwrite_output_dir=True, eval_samples=0)
+    result = ftkit("train", str(recipe))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "runs" / "mine.txt").read_text(encoding="utf-8") == "my tensorboard notes\n"
+    assert (out / "samples.md").read_text(encoding="utf-8") == "my samples\n"
+    assert (out / "ftkit_run.json").is_file()

@@ -77,7 +77,9 @@ def test_full_fine_tune_memorises(tiny_model, tmp_path):
     from ftkit.cli import main
 
     recipe = make_recipe(tmp_path, tiny_model, "full-run", use_peft=False, learning_rate=3e-3)
-    main(["train", str(recipe)])  # returns normally on success (errors exit with code 2)
+    with pytest.raises(SystemExit) as done:  # main() always leaves with the exit status
+        main(["train", str(recipe)])
+    assert done.value.code == 0
     out = tmp_path / "full-run"
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     model, _, chat_format = load_for_chat(None, out, None, None)
@@ -138,6 +140,7 @@ def test_resume_from_checkpoint_continues_the_run(tiny_model, tmp_path):
     recipe = make_recipe(tmp_path, tiny_model, "resumable", max_steps=20, save_strategy="steps", save_steps=10)
     out = run_training(load_recipe(recipe), log=lambda *_: None)
     assert (out / "checkpoint-20").is_dir()
+    (out / "ftkit_run.json").unlink()  # killed during the final save: unfinished, so it may be resumed
     again = run_training(load_recipe(recipe, ["max_steps=30", "resume_from_checkpoint=true"]), log=lambda *_: None)
     summary = json.loads((again / "train_summary.json").read_text())
     assert summary["global_step"] == 30

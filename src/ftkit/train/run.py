@@ -73,7 +73,7 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print, recipe_path:
 
 def open_run_dir(out: Path, action: str, log=print) -> None:
     """Clear an old run that the recipe replaces, then mark the directory as ftkit's before training writes."""
-    if action == "overwrite":
+    if action == "overwrite" and rundir.state(out) in ("finished", "unfinished"):  # never a foreign folder's files
         removed = rundir.clear_run(out)
         if removed:
             log(f"note: overwrite_output_dir: removed the earlier run's files from {out} ({len(removed)} entries; "
