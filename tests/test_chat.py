@@ -124,6 +124,23 @@ def test_quantised_run_loads_in_4bit_on_gpu_only():
     assert quantization_for({}, cuda=True, dtype=None, torch_dtype=torch.bfloat16) is None
 
 
+def test_a_run_reloads_with_the_quantisation_it_was_trained_with(trained_run):
+    """ftkit_run.json records the recipe's 4-bit settings; an fp4 nested-quant run is not reloaded as nf4."""
+    import torch
+
+    from ftkit.config import quantization
+    from ftkit.config.arguments import ModelArguments
+
+    recipe = ModelArguments(model_name_or_path="x", use_peft=True, load_in_4bit=True, bnb_4bit_quant_type="fp4",
+                            use_bnb_nested_quant=True, bnb_4bit_quant_storage="bfloat16")
+    meta = {"load_in_4bit": True, "quantization": quantization.settings(recipe)}
+    quant = quantization_for(meta, cuda=True, dtype=None, torch_dtype=torch.bfloat16)
+    assert (quant.bnb_4bit_quant_type, quant.bnb_4bit_use_double_quant) == ("fp4", True)
+    assert quant.bnb_4bit_quant_storage == torch.bfloat16 and quant.bnb_4bit_compute_dtype == torch.bfloat16
+    saved = json.loads((trained_run / "ftkit_run.json").read_text())
+    assert saved["quantization"] is None and saved["load_in_4bit"] is False  # what a LoRA run records
+
+
 def test_missing_run_is_one_line_exit_2(tmp_path, capsys):
     from ftkit.cli import main
 

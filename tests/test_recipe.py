@@ -195,3 +195,12 @@ def test_report_to_list_matches_transformers():
 
     assert sorted(REPORT_TO) == sorted(INTEGRATION_TO_CALLBACK)
 
+
+
+def test_seed_zero_is_a_seed(tmp_path, data_file):
+    """`seed: 0` once fell through an `or` chain to 42 in data sampling."""
+    from ftkit.data.sources import data_seed
+
+    assert data_seed(load_recipe(base(tmp_path, data_file, "seed: 0\n"))) == 0
+    assert data_seed(load_recipe(base(tmp_path, data_file, "seed: 5\ndata_seed: 0\n"))) == 0
+    assert data_seed(load_recipe(base(tmp_path, data_file))) == 42  # TRL's default, read from the schema
