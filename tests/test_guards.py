@@ -149,6 +149,7 @@ def test_gradient_accumulation_is_exact(tiny_model, tmp_path, monkeypatch, path)
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("port-29500")  # torchrun and accelerate default to the same port: one at a time
 def test_two_processes_with_accumulation_match_one_process(tiny_model, tmp_path):
     """2 processes x 2 per device x 2 accumulation == 1 process x 8 (gloo on CPU, via torchrun)."""
     import subprocess

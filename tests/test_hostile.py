@@ -438,7 +438,7 @@ def test_chat_repl_refuses_bad_settings_and_keeps_the_old_ones(trained_run):
         "seed must be in [0, 2**32), got -1", "top_k: 'many' is not a valid int",
         "that line is not UTF-8 text (byte 0xe9 at character 4); not sent",
         "max_new_tokens=7 temperature=0.7 top_p=0.9 top_k=50 repetition_penalty=1.0 no_repeat_ngram_size=0 "
-        "greedy=False seed=None"]
+        "greedy=False seed=None min_new_tokens=0"]
 
 
 @pytest.mark.slow

@@ -242,6 +242,7 @@ def test_launcher_forwards_signals_and_exit_status(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("port-29500")  # torchrun and accelerate default to the same port: one at a time
 def test_two_processes_through_the_launcher_train_like_one(tiny_model, tmp_path):
     """The README's CPU command: 2 data-parallel processes (gloo) memorise like one, write once, report the batch."""
     from ftkit.inference.loading import load_for_chat

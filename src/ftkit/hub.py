@@ -106,7 +106,7 @@ def load_failure(err: Exception) -> str:
     # the phrases transformers/huggingface_hub/datasets use for "not cached and not allowed to download";
     # matching bare "cache" would also catch a model named e.g. org/kv-cache-llama
     offline = ("offline mode", "offline_mode", "cached files", "local_files_only", "localentrynotfound",
-               "couldn't connect", "not in the local cache", "in the cache")
+               "couldn't connect", "couldn't reach", "offlinemodeisenabled", "not in the local cache", "in the cache")
     if os.environ.get("HF_HUB_OFFLINE") == "1" and (type(err).__name__ == "LocalEntryNotFoundError"
                                                     or any(phrase in text for phrase in offline)):
         return OFFLINE_HINT
