@@ -212,9 +212,11 @@ def test_overwrite_into_a_foreign_folder_removes_none_of_its_files(tiny_model, t
     (out / "runs").mkdir(parents=True)
     (out / "runs" / "mine.txt").write_text("my tensorboard notes\n", encoding="utf-8")
     (out / "samples.md").write_text("my samples\n", encoding="utf-8")
+    (out / "README.md").write_text("# my project\n", encoding="utf-8")
     recipe = make_recipe(tmp_path, tiny_model, "shared", max_steps=2, overwrite_output_dir=True, eval_samples=0)
     result = ftkit("train", str(recipe))
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "runs" / "mine.txt").read_text(encoding="utf-8") == "my tensorboard notes\n"
     assert (out / "samples.md").read_text(encoding="utf-8") == "my samples\n"
+    assert (out / "README.md").read_text(encoding="utf-8") == "# my project\n"
     assert (out / "ftkit_run.json").is_file()

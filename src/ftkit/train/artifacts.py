@@ -80,6 +80,9 @@ def save_weights(trainer, out: Path) -> None:
     trainer.save_model(str(tmp))
     for item in sorted(tmp.iterdir()):
         target = out / item.name
+        if item.name == "README.md" and target.exists():  # PEFT's blank card never replaces a README that is there
+            item.unlink()
+            continue
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         os.replace(item, target)
