@@ -1,6 +1,6 @@
 """Every training mode (DoRA, QLoRA 4-bit nf4, 8-bit; LoRA and full are in test_train.py) trains the tiny model
 to memorisation and the result chats; the training options a recipe reaches (gradient checkpointing, NEFTune,
-optimizers, LR schedules, early stopping, eval perplexity, packing vs attention) do what they say. Which optimizers
+optimizers, LR schedules, early stopping, eval perplexity) do what they say; packing is in test_packing.py. Which optimizers
 and schedules TRL accepts is TRL's business: here, that the recipe's choice reaches the trainer."""
 
 from __future__ import annotations
