@@ -15,6 +15,7 @@ batch x max_length tokens; each case reports max_tokens_in_a_batch so the two ca
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib.util
 import json
 import os
@@ -70,9 +71,21 @@ def cases(flash: bool) -> dict[str, dict | str]:
         "flash_attention_2": {"attn_implementation": "flash_attention_2"} if flash
         else "skipped: flash_attn is not importable",
         "padding_free": {"attn_implementation": "flash_attention_2" if flash else "sdpa", "padding_free": True},
+        "packing_bfd": {"attn_implementation": "flash_attention_2" if flash else "sdpa", "packing": True},
+        "sdpa_checkpointing": {"attn_implementation": "sdpa", "gradient_checkpointing": True},
     }
     return {f"{method}/{attn}": (keys if isinstance(keys, str) else {**METHODS[method], **keys})
             for method in METHODS for attn, keys in attention.items()}
+
+
+def selected(all_cases: dict, patterns: str | None) -> dict:
+    if not patterns:
+        return all_cases
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    chosen = {name: keys for name, keys in all_cases.items() if any(fnmatch.fnmatch(name, p) for p in wanted)}
+    if not chosen:
+        raise SystemExit(f"bench/gpu.sh: --cases {patterns!r} matches none of: {', '.join(all_cases)}")
+    return chosen
 
 
 def build_model(tmp: Path, dry_run: bool) -> Path:
@@ -114,10 +127,11 @@ def figures(result: dict, est: dict | None, peak: float | None) -> dict:
     return extra
 
 
-def run_cases(planned: dict[str, Path | str], tmp: Path, one_process: bool) -> dict[str, dict]:
+def run_cases(planned: dict[str, Path | str], tmp: Path, one_process: bool, done=lambda results: None) -> dict:
+    """Each case in turn; `done(results so far)` after each, so a run cut short still leaves its figures."""
     import measure
 
-    results = {}
+    results: dict[str, dict] = {}
     for name, plan in planned.items():
         if isinstance(plan, str):
             results[name] = {"status": plan}
@@ -130,6 +144,7 @@ def run_cases(planned: dict[str, Path | str], tmp: Path, one_process: bool) -> d
             tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
             results[name] = json.loads(out.read_text())[0] if out.is_file() else {"status": f"error: {tail}"}
         print(f"  {name}: {results[name]['status']}", flush=True)
+        done(results)
     return results
 
 
@@ -141,6 +156,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, help="max_length (default 2048; dry run 256)")
     parser.add_argument("--rows", type=int, help="synthetic chats (default 256; dry run 16)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="train every case with it on")
+    parser.add_argument("--cases", help="comma-separated method/attention patterns to run, e.g. 'lora_bf16/*,full/sdpa' "
+                        "(default: all)")
     parser.add_argument("--out", type=Path, help="result file (default bench/results/gpu-<device>.json)")
     args = parser.parse_args(argv)
     for key, real, dry in (("steps", 20, 2), ("batch", 4, 2), ("max_length", 2048, 256), ("rows", 256, 16)):
@@ -166,24 +183,34 @@ def main(argv: list[str] | None = None) -> dict:
         stats = common.write_data(data, tokenizer, args.rows, max_tokens=min(common.MAX_TOKENS, args.max_length))
         planned: dict[str, Path | str] = {}
         estimates = {}
-        for name, keys in cases(found["flash_attn"]).items():
+        for name, keys in selected(cases(found["flash_attn"]), args.cases).items():
             if isinstance(keys, str):
                 planned[name] = keys
                 continue
-            recipe = common.lora_recipe(model, data, tmp / "runs" / name.replace("/", "_"), **keys,
-                                        per_device_train_batch_size=args.batch, max_length=args.max_length,
-                                        max_steps=args.steps, logging_steps=args.steps,
-                                        gradient_checkpointing=args.gradient_checkpointing)
+            settings = {"per_device_train_batch_size": args.batch, "max_length": args.max_length,
+                        "max_steps": args.steps, "logging_steps": args.steps,
+                        "gradient_checkpointing": args.gradient_checkpointing, **keys}
+            recipe = common.lora_recipe(model, data, tmp / "runs" / name.replace("/", "_"), **settings)
             if not recipe["use_peft"]:
                 recipe = {k: v for k, v in recipe.items() if not k.startswith("lora_")}
             planned[name] = common.write_recipe(tmp / f"{name.replace('/', '_')}.yml", **recipe)
             estimates[name] = estimate(planned[name])
         print(f"{len(planned)} cases on {found['device']}, {args.steps} steps each", flush=True)
-        results = run_cases(planned, tmp, one_process=args.dry_run)
+        write = lambda results: report(args, argv, found, machine, stats, results, estimates)  # noqa: E731
+        out = write(run_cases(planned, tmp, one_process=args.dry_run, done=write))
+    result = json.loads(out.read_text())
+    print(summary_table(result["cases"]))
+    print(f"wrote {out}")
+    return result
+
+
+def report(args: argparse.Namespace, argv: list[str] | None, found: dict, machine: dict, stats: dict,
+           results: dict[str, dict], estimates: dict) -> Path:
+    """Write bench/results/gpu-<device>.json (or --out) with the cases measured so far."""
     peak = peak_tflops(found["device"])
-    report = {
+    result = {
         "what": "ftkit on one GPU: LoRA bf16, QLoRA nf4, full fine-tuning x sdpa / flash_attention_2 / padding-free "
-                "(bench/gpu.sh)",
+                "/ packing / gradient checkpointing (bench/gpu.sh)",
         "command": "bash bench/gpu.sh " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": found["device"], "dry_run": args.dry_run, "peak_bf16_tflops": peak if peak else "unknown",
         "machine": {**machine, "load_average_end": common.load_average()},
@@ -194,10 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cases": {name: {**results[name], **figures(results[name], estimates.get(name), peak)} for name in results},
     }
     slug = re.sub(r"[^a-z0-9]+", "-", found["device"].lower()).strip("-")
-    out = common.write_result(args.out or common.ROOT / "bench" / "results" / f"gpu-{slug}.json", report)
-    print(summary_table(report["cases"]))
-    print(f"wrote {out}")
-    return report
+    return common.write_result(args.out or common.ROOT / "bench" / "results" / f"gpu-{slug}.json", result)
 
 
 def summary_table(rows: dict[str, dict]) -> str:

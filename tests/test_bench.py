@@ -12,7 +12,8 @@ import pytest
 
 from tests.helpers import ROOT
 
-METHODS, ATTENTION = ("lora_bf16", "qlora_nf4", "full"), ("sdpa", "flash_attention_2", "padding_free")
+METHODS, ATTENTION = ("lora_bf16", "qlora_nf4", "full"), ("sdpa", "flash_attention_2", "padding_free", "packing_bfd",
+                                                                  "sdpa_checkpointing")
 
 
 def run(command: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -68,3 +69,17 @@ def test_train_throughput_counts_padding_and_reports_refusals(tmp_path):
     # on sdpa), and the bench reports the refusal as one line instead of crashing
     wrapped = report["modes"]["packing_wrapped"]["status"]
     assert wrapped.startswith("refused: ") and "packing" in wrapped and "\n" not in wrapped
+
+
+@pytest.mark.slow
+def test_gpu_profile_dry_run_profiles_ftkit_and_plain_trl(tmp_path):
+    out = tmp_path / "profile"
+    result = run([sys.executable, "bench/gpu_profile.py", "--dry-run", "--steps", "7", "--variants",
+                  "ftkit_lora,trl_lora", "--out-dir", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for variant in ("ftkit_lora", "trl_lora"):
+        assert "error" not in summary[variant], summary[variant]
+        assert len(summary[variant]["step_s"]) == 2 and summary[variant]["median_step_s"] > 0  # steps 1 and 2
+        table = (out / f"{variant}.txt").read_text()
+        assert "aten::mm" in table and "Self CPU" in table

@@ -158,3 +158,31 @@ def test_tensorboard_and_wandb_offline_without_a_key(tiny_model, tmp_path):
     assert list(out.glob("runs/*/events.out.tfevents.*"))  # tensorboard
     assert list((out / "wandb").glob("offline-run-*"))  # wandb, offline, inside output_dir
     assert not (tmp_path / "wandb").exists()  # nothing left in the working directory
+
+
+def test_checkpointing_reaches_sft_config_under_the_installed_transformers_name():
+    """transformers 5.23 renamed gradient_checkpointing* to activation_checkpointing*; a recipe with either name
+    must run on either version (the H200 image's transformers 5.17 refused the new name in every run)."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from ftkit.train.args import checkpointing_name, set_checkpointing
+
+    @dataclasses.dataclass
+    class OldConfig:  # the fields transformers < 5.23 has
+        gradient_checkpointing: bool = False
+        gradient_checkpointing_kwargs: dict | None = None
+
+    args = {"activation_checkpointing_kwargs": {"use_reentrant": True}, "gradient_checkpointing": True}
+    set_checkpointing(args, True, checkpointing_name(OldConfig))
+    assert args == {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}}
+    OldConfig(**args)
+
+    name = checkpointing_name(SFTConfig)
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    assert name in fields
+    args = {"gradient_checkpointing": False}
+    set_checkpointing(args, True, name)
+    assert args == {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+    assert getattr(SFTConfig(output_dir="unused", use_cpu=True, bf16=False, **args), name) is True

@@ -7,6 +7,7 @@ secret passed as an argument would be written to disk: hub_token goes to the env
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -40,6 +41,22 @@ def move_secrets_to_environment(args: dict) -> None:
             os.environ["HF_TOKEN"] = str(value)
 
 
+def checkpointing_name(config_class) -> str:
+    """transformers 5.23 renamed gradient_checkpointing* to activation_checkpointing*; the installed one decides."""
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
+def set_checkpointing(args: dict, enabled: bool, name: str) -> None:
+    """Recipes use either name; `args` gets the installed library's name only, kwargs defaulting to non-reentrant."""
+    kwargs = args.pop("activation_checkpointing_kwargs", None) or args.pop("gradient_checkpointing_kwargs", None)
+    for key in ("activation_checkpointing", "gradient_checkpointing", "gradient_checkpointing_kwargs"):
+        args.pop(key, None)
+    args[name] = enabled
+    if enabled:
+        args[f"{name}_kwargs"] = kwargs or {"use_reentrant": False}
+
+
 def sft_config(recipe: Recipe, precision, out: Path, has_eval: bool):
     from trl import SFTConfig
 
@@ -52,13 +69,7 @@ def sft_config(recipe: Recipe, precision, out: Path, has_eval: bool):
     if not has_eval and args.get("eval_strategy", "no") != "no":
         raise FtkitError("eval_strategy is set but there is no eval split: add a test split to dataset_splits "
                          "or set test_split_size")
-    # transformers 5.23 renamed gradient_checkpointing* to activation_checkpointing*; recipes use either.
-    args["activation_checkpointing"] = recipe.checkpointing()
-    kwargs = args.pop("activation_checkpointing_kwargs", None) or args.pop("gradient_checkpointing_kwargs", None)
-    args.pop("gradient_checkpointing", None)
-    args.pop("gradient_checkpointing_kwargs", None)
-    if args["activation_checkpointing"]:
-        args["activation_checkpointing_kwargs"] = kwargs or {"use_reentrant": False}
+    set_checkpointing(args, recipe.checkpointing(), checkpointing_name(SFTConfig))
     if args.get("padding_free") and not args.get("packing"):
         args["max_length"] = None  # TRL refuses padding_free with a max_length it cannot enforce; ftkit's data did
     args.setdefault("report_to", "none")
