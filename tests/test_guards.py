@@ -175,9 +175,26 @@ def test_without_the_fallback_accumulation_would_not_be_exact(tiny_model, tmp_pa
     import ftkit.train.loss
 
     monkeypatch.setattr(transformers.LlamaForCausalLM, "accepts_loss_kwargs", False, raising=False)
-    monkeypatch.setattr(ftkit.train.loss, "model_accepts_loss_kwargs", lambda model: True)
+    monkeypatch.setattr(ftkit.train.loss, "count_step_tokens", lambda trainer: False)
     results = split_results(tmp_path, tiny_model)
     assert max_relative_difference(results[8][0], results[1][0]) > 1e-3
+
+
+@pytest.mark.slow
+def test_a_model_without_loss_kwargs_costs_one_forward_per_step(tiny_model, tmp_path, monkeypatch):
+    """The token-sum normalisation for such models must not buy a second forward per step (a compute_loss_func
+    does, in TRL's SFTTrainer): 8 micro-batches, one forward each."""
+    import transformers
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "accepts_loss_kwargs", False, raising=False)
+    calls = []
+    forward = transformers.LlamaModel.forward
+    monkeypatch.setattr(transformers.LlamaModel, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    lines: list[str] = []
+    run_training(load_recipe(None, raw=ga_recipe(tmp_path, tiny_model, 1, "one-forward")), use_cache=False,
+                 log=lines.append)
+    assert any("takes no loss kwargs" in line for line in lines), lines
+    assert len(calls) == 3 * 8  # max_steps 3 x accumulation 8
 
 
 @pytest.mark.slow
@@ -245,3 +262,33 @@ def test_non_finite_loss_stops_the_run_and_saves_nothing(tiny_model, tmp_path):
     assert step < 200
     assert not (tmp_path / "exploding" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "exploding" / "train_summary.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", ["nll", "chunked_nll", "dft"])
+def test_first_logged_loss_is_the_hand_computed_loss_on_ftkit_masks(tiny_model, tmp_path, loss_type):
+    """TRL's loss types (its fused LM head, `dft`'s probability weighting) see exactly ftkit's labels: the first
+    logged loss equals the loss computed here from the untrained model's logits over the assistant tokens only,
+    normalised by their count over the whole batch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftkit.data.chat_format import ChatFormat
+    from tests.helpers import rows
+
+    recipe = make_recipe(tmp_path, tiny_model, loss_type, loss_type=loss_type, max_steps=1, logging_steps=1,
+                         learning_rate=1e-9, lora_modules_to_save=None)
+    summary = json.loads((train(recipe, use_cache=False) / "train_summary.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    chat_format = ChatFormat(tokenizer, tokenizer.chat_template)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    total, count = 0.0, 0
+    for row in rows():
+        encoded = chat_format.encode(row["messages"])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([encoded.input_ids])).logits[0, :-1]
+        labels = torch.tensor(encoded.labels[1:])
+        logp = torch.log_softmax(logits.float(), -1)[labels != -100].gather(1, labels[labels != -100, None])[:, 0]
+        total += float(-(logp.exp() * logp).sum() if loss_type == "dft" else -logp.sum())
+        count += int((labels != -100).sum())
+    assert summary["train_losses"][0][1] == pytest.approx(total / count, rel=1e-4)

@@ -204,3 +204,15 @@ def test_seed_zero_is_a_seed(tmp_path, data_file):
     assert data_seed(load_recipe(base(tmp_path, data_file, "seed: 0\n"))) == 0
     assert data_seed(load_recipe(base(tmp_path, data_file, "seed: 5\ndata_seed: 0\n"))) == 0
     assert data_seed(load_recipe(base(tmp_path, data_file))) == 42  # TRL's default, read from the schema
+
+
+def test_loss_options_trl_has_renamed_or_cannot_run_here(tmp_path, data_file):
+    recipe = load_recipe(base(tmp_path, data_file, "loss_type: chunked_nll\n"))
+    assert recipe.sft["loss_type"] == "nll"
+    assert any("loss_type 'chunked_nll' is older TRL's name; renamed to 'nll'" in note for note in recipe.notes)
+    found = problems(base(tmp_path, data_file, "use_liger_kernel: true\n"))
+    assert found == [f"{tmp_path / 'r.yml'}:4: 'use_liger_kernel': needs the liger-kernel package (pip install "
+                     "liger-kernel), whose Triton kernels run on CUDA GPUs only; or set use_liger_kernel: false"]
+    found = problems(base(tmp_path, data_file, "model_init_kwargs: {dtype: float16, use_kernels: true}\n"))
+    assert found == [f"{tmp_path / 'r.yml'}:4: 'model_init_kwargs': 'dtype' is set by the recipe key dtype; set it "
+                     "there instead"]

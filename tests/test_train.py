@@ -186,3 +186,27 @@ def test_checkpointing_reaches_sft_config_under_the_installed_transformers_name(
     set_checkpointing(args, True, name)
     assert args == {name: True, f"{name}_kwargs": {"use_reentrant": False}}
     assert getattr(SFTConfig(output_dir="unused", use_cpu=True, bf16=False, **args), name) is True
+
+
+@pytest.mark.slow
+def test_model_init_kwargs_reach_from_pretrained(tiny_model, tmp_path):
+    """ftkit loads the model itself, so TRL would silently ignore model_init_kwargs: ftkit passes them on."""
+    from ftkit.train.run import run_training
+
+    recipe = make_recipe(tmp_path, tiny_model, "init-kwargs", use_peft=False, lora_modules_to_save=None, max_steps=1,
+                         model_init_kwargs={"rms_norm_eps": 1e-3})
+    out = run_training(load_recipe(recipe), log=lambda *_: None)
+    assert json.loads((out / "config.json").read_text())["rms_norm_eps"] == 1e-3
+
+
+def test_liger_kernel_is_refused_on_a_cpu_run(tmp_path):
+    from ftkit.config.checks import check_for_device
+    from ftkit.errors import FtkitError
+
+    recipe = load_recipe(None, raw={"model_name_or_path": "org/model", "dataset_name": "org/data",
+                                    "use_liger_kernel": False})
+    check_for_device(recipe, "cpu")
+    recipe.sft["use_liger_kernel"] = True
+    check_for_device(recipe, "cuda")
+    with pytest.raises(FtkitError, match="Liger's Triton kernels run on CUDA GPUs only"):
+        check_for_device(recipe, "cpu")

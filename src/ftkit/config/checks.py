@@ -6,11 +6,12 @@ Each check returns (key, message) pairs so the recipe stage can report every pro
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 from pathlib import Path
 
 from ftkit.config.arguments import ModelArguments
-from ftkit.config.schema import Recipe
+from ftkit.config.schema import MODEL_INIT_OWNED, Recipe
 from ftkit.data.templates import BUILTIN_TEMPLATES
 from ftkit.errors import FtkitError
 from ftkit.files import read_text
@@ -31,7 +32,8 @@ SEED_LIMIT = 2**32  # numpy's seeds
 
 
 def check(recipe: Recipe) -> Problems:
-    return check_model(recipe) + check_data(recipe) + check_training(recipe) + check_options(recipe)
+    return (check_model(recipe) + check_data(recipe) + check_training(recipe) + check_options(recipe)
+            + check_kernels(recipe))
 
 
 def check_model(recipe: Recipe) -> Problems:
@@ -295,3 +297,27 @@ def check_options(recipe) -> Problems:
             problems.append(("save_strategy", f"load_best_model_at_end needs checkpoints at every evaluation: "
                              f"set save_strategy: {evaluate} (it is '{save}')"))
     return problems
+
+
+def check_kernels(recipe: Recipe) -> Problems:
+    """Liger's kernels and model_init_kwargs, checked before anything loads (transformers would raise an
+    ImportError after the model loaded, or a duplicate-argument TypeError)."""
+    s, problems = recipe.sft, []
+    if s.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+        problems.append(("use_liger_kernel", "needs the liger-kernel package (pip install liger-kernel), whose "
+                         "Triton kernels run on CUDA GPUs only; or set use_liger_kernel: false"))
+    init = s.get("model_init_kwargs")
+    if isinstance(init, str):
+        problems.append(("model_init_kwargs", "must be a mapping of from_pretrained arguments, e.g. "
+                         "{use_kernels: true}"))
+    for key in sorted(set(init or {}) & MODEL_INIT_OWNED.keys() if isinstance(init, dict) else []):
+        problems.append(("model_init_kwargs", f"'{key}' is set by the recipe key {MODEL_INIT_OWNED[key]}; "
+                         "set it there instead"))
+    return problems
+
+
+def check_for_device(recipe: Recipe, device: str) -> None:
+    """Options that need a GPU, refused once the device is known (validate runs on any machine)."""
+    if device == "cpu" and recipe.sft.get("use_liger_kernel"):
+        raise FtkitError("use_liger_kernel: Liger's Triton kernels run on CUDA GPUs only and this run is on the "
+                         "CPU; set use_liger_kernel: false")

@@ -28,7 +28,8 @@ RENAMED = {
     "dataset_streaming": "streaming",
 }
 # Old values of a key -> current value (alignment-handbook's SmolLM3 recipes say ffd). Accepted with a note.
-RENAMED_VALUES = {"packing_strategy": {"ffd": "bfd", "bfd-requeue": "bfd_split"}}
+RENAMED_VALUES = {"packing_strategy": {"ffd": "bfd", "bfd-requeue": "bfd_split"},
+                  "loss_type": {"chunked_nll": "nll"}}  # TRL 1.16: nll is computed chunked already
 # Keys that transformers 5 / TRL 1 removed and that have no effect any more; accepted with a note.
 IGNORED = {
     "logging_dir": "TensorBoard logs go to output_dir/runs",
@@ -36,7 +37,12 @@ IGNORED = {
     "hub_model_revision": "pushes go to the default branch",
 }
 # SFTConfig keys ftkit implements itself (masking, templates, tokenising) and does not pass to TRL.
-HANDLED_SFT_KEYS = {"assistant_only_loss", "completion_only_loss", "dataset_text_field", "eos_token", "pad_token"}
+HANDLED_SFT_KEYS = {"assistant_only_loss", "completion_only_loss", "dataset_text_field", "eos_token", "pad_token",
+                    "model_init_kwargs"}  # ftkit loads the model itself, so TRL would ignore model_init_kwargs
+# from_pretrained arguments that recipe keys own; model_init_kwargs may not set them a second time.
+MODEL_INIT_OWNED = {"dtype": "dtype", "torch_dtype": "dtype", "attn_implementation": "attn_implementation",
+                    "revision": "model_revision", "trust_remote_code": "trust_remote_code",
+                    "quantization_config": "load_in_4bit / load_in_8bit", "device_map": "(set by ftkit per process)"}
 # Values TrainingArguments types too narrowly: Trainer.train(resume_from_checkpoint=True) resumes the latest.
 EXTRA_KINDS = {"resume_from_checkpoint": ["bool"]}
 SECRET_PATTERN = re.compile(r"(token|secret|password|api_key)$")

@@ -143,7 +143,8 @@ def build_summary(trainer, data_stats, result, started: float) -> dict:
         "train_losses": [[step, loss] for step, loss in zip(steps, losses)],
         "data": asdict(data_stats),
         "seed": trainer.args.seed,
-        "warnings": training_warnings(state.log_history, trainer.model.get_input_embeddings().weight.shape[0]),
+        "warnings": training_warnings(state.log_history, trainer.model.get_input_embeddings().weight.shape[0],
+                                      trainer.args.loss_type),
     }
 
 
@@ -166,12 +167,16 @@ def print_summary(summary: dict, out: Path, log=print) -> None:
     log(f"next: ftkit chat --adapter {out}" if (out / "adapter_config.json").exists() else f"next: ftkit chat --model {out}")
 
 
-def training_warnings(log_history: list[dict], vocab_size: int) -> list[str]:
+def training_warnings(log_history: list[dict], vocab_size: int, loss_type: str = "nll") -> list[str]:
     """Signs that a run did not learn, for a line after 'done' and train_summary.json: the loss did not fall,
-    or it sits at ln(vocab) (uniform guessing) with vanishing gradients, as after a far too high learning rate."""
+    or it sits at ln(vocab) (uniform guessing) with vanishing gradients, as after a far too high learning rate.
+    DFT's loss (-p log p per token) rises while the model gains confidence, so for it the sign is a token
+    accuracy that did not rise."""
     logged = [e for e in log_history if "loss" in e]
     if len(logged) < 2:
         return []
+    if loss_type == "dft":
+        return accuracy_warnings(logged)
     first, last = logged[0]["loss"], logged[-1]["loss"]
     warnings = []
     uniform = math.log(max(vocab_size, 2))
@@ -184,6 +189,14 @@ def training_warnings(log_history: list[dict], vocab_size: int) -> list[str]:
         warnings.append(f"the training loss did not fall ({first:.4f} -> {last:.4f}); check learning_rate and "
                         "the data (ftkit preview)")
     return warnings
+
+
+def accuracy_warnings(logged: list[dict]) -> list[str]:
+    accuracies = [e["mean_token_accuracy"] for e in logged if "mean_token_accuracy" in e]
+    if len(accuracies) >= 2 and accuracies[-1] <= accuracies[0]:
+        return [f"the token accuracy did not rise ({accuracies[0]:.4f} -> {accuracies[-1]:.4f}); check learning_rate "
+                "and the data (ftkit preview)"]
+    return []
 
 
 def write_outputs(trainer, recipe, chat_format, stats, result, started: float, precision, samples: list,

@@ -1,30 +1,19 @@
-"""Loss normalised by the trained tokens of the whole optimizer step.
+"""Loss normalised by the trained tokens of the whole optimizer step, for every model.
 
-transformers normalises by the step's token count (`num_items_in_batch`, summed over accumulation
-micro-batches and processes) only for models whose forward accepts loss kwargs; for any other model
-it averages per micro-batch, so the update depends on how a batch is split. Library gap: for those
-models ftkit passes this loss as `compute_loss_func`.
+TRL's SFTTrainer computes the loss itself (its fused LM head: summed over trained tokens, divided by the step's
+token count `num_items_in_batch`) and never passes loss kwargs to the model's forward. transformers' Trainer only
+counts `num_items_in_batch` across accumulation micro-batches, and only skips its own per-micro-batch division,
+when it believes the model's forward accepts loss kwargs; for any other model the update would depend on how a
+batch is split. Library gap: ftkit tells the Trainer that the step's token count is used. (Passing a
+`compute_loss_func` instead, as ftkit did before, makes TRL run a second forward every step for its metrics.)
 """
 
 from __future__ import annotations
 
-import inspect
 
-
-def model_accepts_loss_kwargs(model) -> bool:
-    """The same test transformers' Trainer makes, on the model under any PEFT wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "accepts_loss_kwargs"):
-        return bool(base.accepts_loss_kwargs)
-    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values())
-
-
-def token_sum_loss(outputs, labels, num_items_in_batch=None):
-    """transformers' own causal-LM loss, given the step's token count that the model's forward cannot take
-    (without one it is the micro-batch mean: only the per-micro-batch count would be missing)."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-    if num_items_in_batch is None:
-        num_items_in_batch = (labels[..., 1:] != -100).sum()
-    return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)
+def count_step_tokens(trainer) -> bool:
+    """Make the Trainer count the step's trained tokens for TRL's loss; -> whether it had to be told."""
+    if trainer.model_accepts_loss_kwargs:
+        return False
+    trainer.model_accepts_loss_kwargs = True
+    return True

@@ -55,12 +55,15 @@ def ensure_pad_token(tokenizer, chat_format: ChatFormat, log=print) -> None:
     log(f"note: added pad token {PAD_CANDIDATE} (the tokenizer had none distinct from eos/end-of-turn)")
 
 
-def load_model(model_args: ModelArguments, precision: Precision, device_index: int = 0):
+def load_model(model_args: ModelArguments, precision: Precision, device_index: int = 0,
+               init_kwargs: dict | None = None):
+    """The base model; `init_kwargs` is the recipe's model_init_kwargs (keys the recipe owns are refused earlier)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     quant = quantization.bnb_config(quantization.settings(model_args), precision.compute_dtype)
     kwargs = dict(
+        **(init_kwargs or {}),
         revision=model_args.model_revision,
         trust_remote_code=model_args.trust_remote_code,
         dtype=getattr(torch, precision.dtype),

@@ -36,12 +36,14 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print, recipe_path:
     import torch
     from accelerate import PartialState
 
+    from ftkit.config.checks import check_for_device
     from ftkit.config.precision import detect_hardware, training_precision
     from ftkit.data.pipeline import build_datasets
     from ftkit.train.model import load_tokenizer
     from ftkit.train.samples import before_training
 
     precision = training_precision(recipe.model, recipe.sft, detect_hardware(bool(recipe.sft.get("use_cpu"))))
+    check_for_device(recipe, precision.device)
     # cpu=True on CPU: otherwise accelerate sees a single process there and main_process_first() waits for nobody
     state = PartialState(cpu=precision.device == "cpu")
     torch.manual_seed(recipe.sft_value("seed"))
@@ -127,7 +129,7 @@ def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, 
     from ftkit.train.model import apply_peft, fit_embeddings, load_model, trainable_summary
     from ftkit.train.packing import check_packing
 
-    model = load_model(recipe.model, precision, device_index)
+    model = load_model(recipe.model, precision, device_index, recipe.sft.get("model_init_kwargs"))
     fit_embeddings(model, tokenizer, log)
     if not recipe.data.streaming:  # a stream cannot be scanned ahead; fit_embeddings still bounds every id
         check_token_ids(data.train, model, data.stats.max_token_id)
@@ -146,19 +148,18 @@ def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path,
     from ftkit.train import options as train_options
     from ftkit.train.args import sft_config
     from ftkit.train.callbacks import InterruptCheckpoint, NonFiniteLossGuard
-    from ftkit.train.loss import model_accepts_loss_kwargs, token_sum_loss
+    from ftkit.train.loss import count_step_tokens
 
     config = sft_config(recipe, precision, out, data.eval is not None)
     per_device, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
     log(f"effective batch size: {per_device} per device x {state.num_processes} process(es) x {accumulation} "
         f"accumulation = {per_device * state.num_processes * accumulation}; precision {precision.dtype} weights"
         + (", bf16 mixed" if precision.bf16 else ", fp16 mixed" if precision.fp16 else "") + f" on {precision.device}")
-    loss_func = None if model_accepts_loss_kwargs(model) else token_sum_loss
-    if loss_func is not None:
-        log("note: this model's forward takes no loss kwargs; ftkit normalises the loss by the step's trained tokens")
     loss_guard, interrupt = NonFiniteLossGuard(), InterruptCheckpoint()
     trainer = SFTTrainer(model=model, args=config, train_dataset=data.train, eval_dataset=data.eval,
-                         processing_class=tokenizer, compute_loss_func=loss_func,
+                         processing_class=tokenizer,
                          callbacks=[loss_guard, interrupt, *train_options.callbacks(recipe)])
     train_options.fix_quantized_trainable_dtype(trainer.model, precision, log)  # TRL casts them to bf16
+    if count_step_tokens(trainer):
+        log("note: this model's forward takes no loss kwargs; ftkit normalises the loss by the step's trained tokens")
     return trainer, loss_guard, interrupt
