@@ -67,12 +67,12 @@ def detect(dry_run: bool) -> dict:
 def cases(flash: bool) -> dict[str, dict | str]:
     """method/attention -> recipe keys, or the reason the case cannot run here."""
     attention: dict[str, dict | str] = {
-        "sdpa": {"attn_implementation": "sdpa"},
-        "flash_attention_2": {"attn_implementation": "flash_attention_2"} if flash
+        "sdpa": {"attn_implementation": "sdpa", "padding_free": False},
+        "flash_attention_2": {"attn_implementation": "flash_attention_2", "padding_free": False} if flash
         else "skipped: flash_attn is not importable",
         "padding_free": {"attn_implementation": "flash_attention_2" if flash else "sdpa", "padding_free": True},
         "packing_bfd": {"attn_implementation": "flash_attention_2" if flash else "sdpa", "packing": True},
-        "sdpa_checkpointing": {"attn_implementation": "sdpa", "gradient_checkpointing": True},
+        "sdpa_checkpointing": {"attn_implementation": "sdpa", "gradient_checkpointing": True, "padding_free": False},
     }
     return {f"{method}/{attn}": (keys if isinstance(keys, str) else {**METHODS[method], **keys})
             for method in METHODS for attn, keys in attention.items()}

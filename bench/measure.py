@@ -55,7 +55,8 @@ def trainer_facts(trainer) -> dict:
     config = getattr(model, "config", None)
     return {"bf16": bool(args.bf16), "fp16": bool(args.fp16), "device": str(args.device),
             "attn_implementation": getattr(config, "_attn_implementation", None),
-            "gradient_checkpointing": bool(getattr(model, "is_activation_checkpointing", False)),
+            "gradient_checkpointing": bool(getattr(model, "is_activation_checkpointing",  # transformers < 5.23:
+                                                   getattr(model, "is_gradient_checkpointing", False))),
             "padding_free_collator": bool(getattr(trainer, "padding_free", False)),
             "packing": bool(args.packing), "packing_strategy": args.packing_strategy if args.packing else None}
 

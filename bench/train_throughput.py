@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 MODES = {
-    "padded": {},
-    "padded_ckpt": {"gradient_checkpointing": True},
+    "padded": {"padding_free": False},
+    "padded_ckpt": {"gradient_checkpointing": True, "padding_free": False},
+    "ftkit_defaults": {},  # neither key set: ftkit decides (padding_free on where the model keeps samples apart)
     "padding_free": {"padding_free": True},
     "packing_bfd": {"packing": True, "packing_strategy": "bfd"},
     "packing_bfd_split": {"packing": True, "packing_strategy": "bfd_split"},

@@ -52,7 +52,8 @@ def recipe(model: Path, data: Path, out: Path, steps: int) -> dict:
             "lora_target_modules": "all-linear", "lora_modules_to_save": ["embed_tokens", "lm_head"],
             "dataset_mixer": {str(data): 1.0}, "output_dir": str(out), "max_steps": steps,
             "per_device_train_batch_size": 4, "learning_rate": 1e-2, "lr_scheduler_type": "constant",
-            "warmup_steps": 0, "weight_decay": 0.0, "gradient_checkpointing": False, "logging_steps": 10,
+            "warmup_steps": 0, "weight_decay": 0.0, "gradient_checkpointing": False, "padding_free": False,
+            "logging_steps": 10,
             "save_strategy": "no", "report_to": "none", "seed": 0, "bf16": False}
 
 

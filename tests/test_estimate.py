@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftkit.commands.estimate import GIB, architecture, estimate, setup_from_recipe
+from ftkit.config.memory import GIB, architecture, estimate, setup_from_recipe
 from ftkit.config.recipe import load_recipe
 from tests.helpers import ROOT, ftkit
 

@@ -132,3 +132,25 @@ def test_qlora_trains_like_plain_trl(tiny_model, tmp_path):
     assert ftkit_curve[-1] < ftkit_curve[0] / 10, f"ftkit QLoRA barely trains: {ftkit_curve}"
     assert ftkit_curve[-1] <= 1.25 * trl_curve[-1] + 1e-3, (
         f"ftkit QLoRA loss after {STEPS} steps: {ftkit_curve} vs plain TRL {trl_curve}")
+
+
+def test_an_inference_forward_before_training_leaves_the_4bit_weights_as_loaded(tiny_model):
+    """bitsandbytes repacks 4-bit weights (scales rounded to bf16) at a CPU no-grad eval forward and trains on that
+    layout; the packing probe and the before-training samples run such forwards before ftkit trains."""
+    import torch
+
+    from ftkit.config.arguments import ModelArguments
+    from ftkit.config.precision import CPU, training_precision
+    from ftkit.train.model import load_model
+    from ftkit.train.packing import leaks_across_samples
+
+    args = ModelArguments(model_name_or_path=str(tiny_model), use_peft=True, load_in_4bit=True)
+    model = load_model(args, training_precision(args, {}, CPU))
+    weights = lambda: {n: (p.dtype, p.detach().clone(), p.quant_state.absmax.clone())  # noqa: E731
+                       for n, p in model.named_parameters() if hasattr(p, "quant_state")}
+    before = weights()
+    assert before and leaks_across_samples(model) is False
+    after = weights()
+    assert before.keys() == after.keys()
+    for name, (dtype, data, absmax) in before.items():
+        assert after[name][0] == dtype and torch.equal(after[name][1], data) and torch.equal(after[name][2], absmax)

@@ -112,12 +112,13 @@ class Recipe:
         """The recipe's value of an SFTConfig key, else TRL's own default (from the schema snapshot)."""
         return self.sft[key] if key in self.sft else sft_schema()[key]["default"]
 
-    def checkpointing(self) -> bool:
-        """Gradient checkpointing, under either name (transformers 5.23 renamed it activation_checkpointing)."""
+    def checkpointing(self) -> bool | None:
+        """Gradient checkpointing under either name (transformers 5.23 renamed it activation_checkpointing);
+        None when the recipe leaves it to ftkit (train/defaults.py decides once the device is known)."""
         for key in ("activation_checkpointing", "gradient_checkpointing"):
             if self.sft.get(key) is not None:
                 return bool(self.sft[key])
-        return bool(sft_schema()["gradient_checkpointing"]["default"])
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe, secrets left out, ready to save as ftkit_recipe.yml."""

@@ -73,9 +73,22 @@ def load_model(model_args: ModelArguments, precision: Precision, device_index: i
     if quant is not None:  # each process loads its quantised copy onto its own device
         kwargs["device_map"] = {"": device_index if precision.device == "cuda" else "cpu"}
     try:
-        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     except (OSError, ValueError, ImportError) as err:
         raise FtkitError(f"model '{model_args.model_name_or_path}' could not be loaded: {load_failure(err)}") from None
+    keep_4bit_training_layout(model)
+    return model
+
+
+def keep_4bit_training_layout(model) -> int:
+    """Library gap: on a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for its inference
+    kernel at the first no-grad forward in eval mode, rounding the block scales to bfloat16, and keeps that layout
+    for training. One forward before training (ftkit's packing probe, the before-training samples) made a QLoRA
+    run end at twice plain TRL's loss (tests/test_qlora_parity.py). Layers of a model being trained opt out."""
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def fit_embeddings(model, tokenizer, log=print) -> bool:

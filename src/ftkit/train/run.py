@@ -125,7 +125,9 @@ def check_token_ids(dataset, model, top: int | None = None) -> None:
 
 
 def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, device_index: int, log=print):
-    """The model loaded, its embeddings fitted to the tokenizer, every token id checked, PEFT applied."""
+    """The model loaded, its embeddings fitted to the tokenizer, every token id checked, ftkit's defaults decided,
+    PEFT applied."""
+    from ftkit.train.defaults import choose_padding_free, resolve_checkpointing
     from ftkit.train.model import apply_peft, fit_embeddings, load_model, trainable_summary
     from ftkit.train.packing import check_packing
 
@@ -134,10 +136,12 @@ def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, 
     if not recipe.data.streaming:  # a stream cannot be scanned ahead; fit_embeddings still bounds every id
         check_token_ids(data.train, model, data.stats.max_token_id)
         log(data_summary(data.stats))
+    checkpointing = resolve_checkpointing(model, recipe, precision, device_index, log)
     if recipe.model.use_peft:
-        model = apply_peft(model, recipe.model, new_tokens, recipe.checkpointing(), log)
+        model = apply_peft(model, recipe.model, new_tokens, checkpointing, log)
     log(trainable_summary(model))
     check_packing(model, recipe, log)  # before the run directory is claimed
+    choose_padding_free(model, recipe, log)
     return model
 
 
