@@ -43,3 +43,18 @@ def trained_run(tiny_model, tmp_path_factory) -> Path:
         mp.setenv("FTKIT_CACHE", str(tmp / "cache"))
         mp.setenv("WANDB_MODE", "disabled")
         return run_training(load_recipe(make_recipe(tmp, tiny_model, "run")), log=lambda *_: None)
+
+
+@pytest.fixture
+def tiny_opt(tiny_model, tmp_path):
+    """The tiny model's tokenizer on a tiny OPT, an architecture whose mask ignores position_ids."""
+    import shutil
+
+    from transformers import OPTConfig, OPTForCausalLM
+
+    out = tmp_path / "tiny-opt"
+    OPTForCausalLM(OPTConfig(vocab_size=1024, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                             word_embed_proj_dim=64, pad_token_id=3, bos_token_id=0, eos_token_id=0)).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny_model / name, out / name)
+    return out

@@ -127,21 +127,6 @@ def test_packed_training_memorises_and_matches_the_padded_run(option, tiny_model
     assert [loss for _, loss in curve] == pytest.approx([loss for _, loss in padded], rel=1e-3)
 
 
-@pytest.fixture
-def tiny_opt(tiny_model, tmp_path):
-    """The tiny model's tokenizer on a tiny OPT, an architecture whose mask ignores position_ids."""
-    import shutil
-
-    from transformers import OPTConfig, OPTForCausalLM
-
-    out = tmp_path / "tiny-opt"
-    OPTForCausalLM(OPTConfig(vocab_size=1024, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                             word_embed_proj_dim=64, pad_token_id=3, bos_token_id=0, eos_token_id=0)).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(tiny_model / name, out / name)
-    return out
-
-
 def test_probe_tells_isolating_models_from_leaking_ones(tiny_model, tiny_opt):
     from transformers import AutoModelForCausalLM
 
