@@ -1,0 +1,338 @@
+"""Today's chat data (issue 18): tool calls and tool results in every dialect people export, reasoning, multi-part
+content and chat_template_kwargs, through real families' templates (TRL's copies of Qwen3, Llama-3.1, Qwen2.5).
+
+Masks are asserted token by token; the slow tests train the tiny model on tool-calling and reasoning conversations
+per family and check, with plain transformers on the merged model and the template's own
+`apply_chat_template(..., tools=...)`, that it writes exactly the trained tool call, then exactly the trained answer
+after the tool result, then stops."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ftkit.config.arguments import ModelArguments
+from ftkit.data.formats import BadRow, detect_format, to_internal
+from ftkit.errors import FtkitError
+from ftkit.train.model import load_tokenizer
+from tests.helpers import (MOONS, REASONING_CHATS, TOOL_CHATS, TOOLS, WEATHER, agent_rows, ftkit, make_recipe,
+                           tool_call, write_jsonl)
+
+FAMILIES = ("qwen3", "llama3_1", "qwen2_5")
+QUIET = {"log": lambda *_: None}
+CALL = {"role": "assistant", "content": "", "tool_calls": [tool_call("get_weather", {"city": "Tinyville"})]}
+USER = {"role": "user", "content": "What is the weather in Tinyville?"}
+
+
+def internal(row: dict) -> dict:
+    return to_internal(row, detect_format(list(row)), None)
+
+
+def family_format(family_model, family: str, **kwargs):
+    tokenizer, chat_format, added = load_tokenizer(ModelArguments(model_name_or_path=str(family_model(family))), None,
+                                                   template_kwargs=kwargs or None, **QUIET)
+    return tokenizer, chat_format
+
+
+def trained_runs(input_ids: list[int], labels: list[int]) -> list[list[int]]:
+    runs, current = [], []
+    for tok, label in zip(input_ids, labels):
+        if label != -100:
+            assert label == tok
+            current.append(tok)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+# --- every dialect becomes one form ------------------------------------------------------------------------------
+
+OPENAI = {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Tinyville"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}],
+    "tools": TOOLS}
+ONE_FORM = [USER, {"role": "assistant", "content": "", "tool_calls": [tool_call("get_weather", {"city": "Tinyville"},
+                                                                                  "call_1")]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}, {"role": "assistant", "content": "Sunny."}]
+
+
+@pytest.mark.parametrize("row", [
+    OPENAI,  # OpenAI's API and fine-tuning exports: arguments as JSON text
+    {**OPENAI, "messages": [USER, {"role": "assistant", "tool_calls": [  # Hugging Face: arguments as an object
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Tinyville"}}}]},
+        *OPENAI["messages"][2:]]},
+    {**OPENAI, "tools": json.dumps([WEATHER["function"], MOONS["function"]])},  # bare schemas, as JSON text
+    {"messages": [USER, {"role": "assistant", "content": None, "function_call": {  # OpenAI's legacy form
+        "name": "get_weather", "arguments": '{"city": "Tinyville"}'}}, {"role": "function", "name": "get_weather",
+        "content": "sunny"}, {"role": "assistant", "content": "Sunny."}], "functions": [WEATHER["function"],
+                                                                                     MOONS["function"]]},
+])
+def test_tool_calling_dialects_become_one_form(row):
+    got = internal(row)
+    assert got["tools"] == TOOLS
+    expected = ONE_FORM if "functions" not in row else [
+        ONE_FORM[0], {**ONE_FORM[1], "tool_calls": [tool_call("get_weather", {"city": "Tinyville"})]},
+        {"role": "tool", "content": "sunny", "name": "get_weather"}, ONE_FORM[3]]
+    assert got["messages"] == expected
+
+
+def test_llama_factory_sharegpt_function_calling():
+    """LLaMA-Factory's form: function_call / observation turns, tools as a JSON string column, a system column."""
+    row = {"conversations": [{"from": "human", "value": USER["content"]},
+                             {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": '
+                                                                '"Tinyville"}}'},
+                             {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}],
+           "system": "Use tools.", "tools": json.dumps([WEATHER["function"]])}
+    got = internal(row)
+    assert got["tools"] == [WEATHER]
+    assert got["messages"] == [{"role": "system", "content": "Use tools."}, USER,
+                               {"role": "assistant", "content": "", "tool_calls": [tool_call("get_weather", {
+                                   "city": "Tinyville"})]}, {"role": "tool", "content": "sunny"},
+                               {"role": "assistant", "content": "Sunny."}]
+
+
+def test_reasoning_fields_multi_part_text_weights_and_row_kwargs():
+    row = {"messages": [{"role": "developer", "content": [{"type": "text", "text": "Be"}, {"type": "text",
+                                                                                            "text": "brief."}]},
+                        {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+                        {"role": "assistant", "thinking": "greet", "content": "Hello.", "weight": 0},
+                        {"role": "user", "content": "Again"},
+                        {"role": "assistant", "reasoning": "again", "content": "Hello!", "weight": 1}],
+           "chat_template_kwargs": '{"enable_thinking": true}'}
+    got = internal(row)
+    assert got["messages"] == [{"role": "system", "content": "Be\nbrief."}, {"role": "user", "content": "Hi"},
+                               {"role": "assistant", "content": "Hello.", "reasoning_content": "greet", "weight": 0},
+                               {"role": "user", "content": "Again"},
+                               {"role": "assistant", "content": "Hello!", "reasoning_content": "again"}]
+    assert got["chat_template_kwargs"] == {"enable_thinking": True}
+
+
+@pytest.mark.parametrize("messages, extra, message", [
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}, {"role": "assistant",
+      "content": "a"}], {}, "turn 1: a content part of type 'image_url' is not text; ftkit trains text-only models "
+     "(images, audio and files are not supported yet)"),
+    ([USER, {"role": "assistant", "tool_calls": [tool_call("f", "{not json")]}], {},
+     "turn 2: the arguments of tool call 'f' are not valid JSON"),
+    ([USER, {"role": "assistant", "tool_calls": [tool_call("f", "[1]")]}], {},
+     "turn 2: the arguments of tool call 'f' must be a JSON object, got list"),
+    ([USER, {"role": "assistant", "tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]}], {},
+     "turn 2: each tool call needs a function name: {type: function, function: {name, arguments}}"),
+    ([USER, {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "a"}], {},
+     "turn 2: a tool result must follow an assistant turn that calls a tool"),
+    ([USER, {"role": "assistant", "content": ""}], {}, "turn 2: empty assistant turn"),
+    ([USER, {"role": "assistant", "content": "a"}], {"tools": "{bad"}, "'tools' is not valid JSON"),
+    ([USER, {"role": "assistant", "content": "a"}], {"tools": [{"description": "no name"}]},
+     "'tools': each tool needs a name (a function schema {name, description, parameters})"),
+    ([USER, {"role": "assistant", "content": "a"}], {"chat_template_kwargs": {"tools": []}},
+     "'chat_template_kwargs' may not set tools: ftkit passes it to the template itself"),
+    ([USER, {"role": "assistant", "content": "a", "weight": 2}], {},
+     "turn 2: 'weight' must be 0 (not trained) or 1, got 2"),
+])
+def test_bad_agent_rows_say_why(messages, extra, message):
+    with pytest.raises(BadRow) as err:
+        internal({"messages": messages, **extra})
+    assert str(err.value) == message
+
+
+# --- masks, token by token, on real templates --------------------------------------------------------------------
+
+def test_qwen3_multi_turn_reasoning_masks_token_by_token(family_model):
+    """Qwen3 drops an earlier turn's <think> block once a later user turn follows, so each assistant turn is its own
+    sample, ending with that turn as it is rendered when generated; only that turn's tokens carry loss."""
+    tokenizer, chat_format = family_format(family_model, "qwen3")
+    [(q1, r1, a1), (q2, r2, a2)] = REASONING_CHATS[1]
+    row = internal({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q1},
+                                 {"role": "assistant", "reasoning_content": r1, "content": a1},
+                                 {"role": "user", "content": q2},
+                                 {"role": "assistant", "reasoning_content": r2, "content": a2}]})
+    first, second = chat_format.encode(row["messages"])
+    head = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n" + q1 + "<|im_end|>\n<|im_start|>assistant\n"
+    turn1 = f"<think>\n{r1}\n</think>\n\n{a1}<|im_end|>"
+    assert tokenizer.decode(first.input_ids) == head + turn1 + "\n"
+    assert first.input_ids == tokenizer.encode(head + turn1 + "\n", add_special_tokens=False)
+    assert trained_runs(first.input_ids, first.labels) == [tokenizer.encode(turn1, add_special_tokens=False)]
+    history = head + a1 + "<|im_end|>\n<|im_start|>user\n" + q2 + "<|im_end|>\n<|im_start|>assistant\n"
+    turn2 = f"<think>\n{r2}\n</think>\n\n{a2}<|im_end|>"
+    assert second.input_ids == tokenizer.encode(history + turn2 + "\n", add_special_tokens=False)
+    labels = [-100] * len(tokenizer.encode(history, add_special_tokens=False))
+    labels += tokenizer.encode(turn2, add_special_tokens=False) + [-100]
+    assert second.labels == labels
+    # the same turns through plain transformers: each sample is the template's own rendering of its prefix
+    plain = tokenizer.apply_chat_template(row["messages"][:3], tokenize=False)
+    assert tokenizer.decode(first.input_ids) == plain
+
+
+def test_qwen3_tool_calling_masks_token_by_token(family_model):
+    """Tool calls train as `<think>\\n\\n</think>\\n\\n<tool_call>...` with their end of turn; the tool schemas, the
+    system block and the tool result never carry loss."""
+    tokenizer, chat_format = family_format(family_model, "qwen3")
+    row = internal(agent_rows()[0])
+    samples = chat_format.samples(row["messages"], "assistant", row["tools"])
+    encoded = chat_format.encode_texts(samples)
+    call = ('<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Tinyville"}}\n'
+            '</tool_call><|im_end|>')
+    final = "<think>\n\n</think>\n\nIt is sunny and 21 C in Tinyville.<|im_end|>"
+    assert [trained_runs(e.input_ids, e.labels) for e in encoded] == [
+        [tokenizer.encode(call, add_special_tokens=False)], [tokenizer.encode(final, add_special_tokens=False)]]
+    plain = [{"role": "user", "content": TOOL_CHATS[0][0]}, {"role": "assistant", "tool_calls": [
+        tool_call("get_weather", {"city": "Tinyville"})]}, {"role": "tool", "content": "sunny, 21 C"},
+        {"role": "assistant", "content": TOOL_CHATS[0][4]}]
+    assert samples[0][0] == tokenizer.apply_chat_template(plain[:2], tools=TOOLS, tokenize=False)
+    assert samples[1][0] == tokenizer.apply_chat_template(plain, tools=TOOLS, tokenize=False)
+    assert "<tools>" in samples[0][0][:samples[0][1][0][0]]  # the schemas are in the prompt, masked
+
+
+@pytest.mark.parametrize("family, calls", [
+    ("llama3_1", ['{"name": "get_weather", "parameters": {"city": "Tinyville"}}<|eot_id|>']),
+    ("qwen2_5", ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Tinyville"}}\n</tool_call><|im_end|>']),
+])
+def test_templates_that_keep_prefixes_train_a_tool_conversation_as_one_sample(family_model, family, calls):
+    """OpenAI's JSON-text arguments reach Llama-3.1's and Qwen2.5's templates as the objects they `tojson`, so the
+    rendering is the template's own for object arguments (a string would render quoted)."""
+    tokenizer, chat_format = family_format(family_model, family)
+    row = internal(agent_rows()[0])
+    [(text, spans)] = chat_format.samples(row["messages"], "assistant", row["tools"])
+    [encoded] = chat_format.encode_texts([(text, spans)])
+    final = TOOL_CHATS[0][4] + chat_format.end_of_turn
+    assert trained_runs(encoded.input_ids, encoded.labels) == [
+        tokenizer.encode(t, add_special_tokens=False) for t in calls + [final]]
+    plain = [{"role": "user", "content": TOOL_CHATS[0][0]}, {"role": "assistant", "tool_calls": [
+        tool_call("get_weather", {"city": "Tinyville"})]}, {"role": "tool", "content": "sunny, 21 C"},
+        {"role": "assistant", "content": TOOL_CHATS[0][4]}]
+    assert text == tokenizer.apply_chat_template(plain, tools=TOOLS, tokenize=False)
+
+
+def test_a_template_that_renders_arguments_as_given_gets_json_text(family_model):
+    tokenizer, _ = family_format(family_model, "qwen2_5")
+    from ftkit.data.chat_format import ChatFormat
+
+    raw = ("{% for m in messages %}{{ m.role }}: {{ m.content }}{% for c in m.tool_calls or [] %}CALL "
+           "{{ c.function.name }} {{ c.function.arguments }}{% endfor %}<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}assistant: {% endif %}")
+    chat_format = ChatFormat(tokenizer, raw)
+    assert chat_format.features.arguments == "string"
+    assert 'CALL get_weather {"city": "Tinyville"}' in chat_format.render([USER, CALL])
+
+
+def test_chat_template_kwargs_reach_every_rendering(family_model):
+    """enable_thinking: false puts Qwen3's empty think block in the prompt, so it is not trained; a row's own
+    chat_template_kwargs win over the recipe's."""
+    tokenizer, chat_format = family_format(family_model, "qwen3", enable_thinking=False)
+    messages = [USER, {"role": "assistant", "content": "Sunny."}]
+    assert chat_format.prompt(messages[:1]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    [encoded] = chat_format.encode(messages)
+    assert trained_runs(encoded.input_ids, encoded.labels) == [tokenizer.encode("Sunny.<|im_end|>",
+                                                                                add_special_tokens=False)]
+    assert chat_format.prompt(messages[:1], kwargs={"enable_thinking": True}).endswith("<|im_start|>assistant\n")
+    assert chat_format.answer(messages, kwargs={"enable_thinking": True}) == "<think>\n\n</think>\n\nSunny."
+
+
+# --- refusals: one line naming the template and the turn ---------------------------------------------------------
+
+def preview_error(tmp_path, model, rows, **overrides) -> str:
+    data = write_jsonl(tmp_path / "agent.jsonl", rows)
+    result = ftkit("preview", str(make_recipe(tmp_path, model, "p", dataset_mixer={str(data): 1.0}, **overrides)),
+                   "--json")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_template_that_would_drop_tools_or_tool_calls_is_refused(tiny_model, tmp_path):
+    assert preview_error(tmp_path, tiny_model, agent_rows()[:1]) == (
+        f"ftkit: error: source '{tmp_path / 'agent.jsonl'}', row 1: the chat template of '{tiny_model}' does not "
+        "show `tools` (function schemas) to the model; use the model's own chat template or one that renders them "
+        "(e.g. TRL's qwen3, qwen2_5 or llama3_1 templates)")
+    row = {"messages": agent_rows()[0]["messages"]}
+    assert preview_error(tmp_path, tiny_model, [row], chat_template="chatml").endswith(
+        "row 1: the built-in chat template 'chatml' does not render tool calls (turn 2 has tool_calls); use the "
+        "model's own chat template or one that renders them (e.g. TRL's qwen3, qwen2_5 or llama3_1 templates)")
+
+
+def test_a_turn_the_template_cannot_align_is_refused_naming_template_and_turn(family_model, tmp_path):
+    """Reasoning with enable_thinking: false: Qwen3's prompt ends with an empty think block, the turn has a full one."""
+    line = preview_error(tmp_path, family_model("qwen3"), agent_rows()[2:3],
+                         chat_template_kwargs={"enable_thinking": False})
+    assert line == (f"ftkit: error: source '{tmp_path / 'agent.jsonl'}', row 1: the chat template of "
+                    f"'{family_model('qwen3')}' renders assistant turn 2 differently from the prompt it gives for "
+                    "generating it (the prompt continues '\\n</think>\\n\\n', the turn \"Zorb's moons are Pim, Pom "
+                    "and \"), so its answer cannot be located; fix that turn (e.g. reasoning with enable_thinking: "
+                    "false) or use another chat_template")
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ("{1: true}", "must be a mapping of template variables, e.g. {enable_thinking: false}"),
+    ("{add_generation_prompt: true}", "may not set add_generation_prompt: ftkit passes it to the template itself"),
+])
+def test_recipe_chat_template_kwargs_are_checked(tiny_model, tmp_path, kwargs, problem):
+    recipe = make_recipe(tmp_path, tiny_model, "r")
+    recipe.write_text(recipe.read_text() + f"chat_template_kwargs: {kwargs}\n")
+    result = ftkit("validate", str(recipe))
+    assert result.returncode == 2 and f"'chat_template_kwargs': {problem}" in result.stderr, result.stderr
+
+
+# --- preview and statistics --------------------------------------------------------------------------------------
+
+def test_preview_says_how_conversations_are_trained(family_model, tmp_path):
+    data = write_jsonl(tmp_path / "agent.jsonl", agent_rows())
+    recipe = make_recipe(tmp_path, family_model("qwen3"), "p", dataset_mixer={str(data): 1.0})
+    result = ftkit("preview", str(recipe), "-n", "1")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert ("1 training rows trained as one sample each; 3 as one sample per assistant turn, because the chat "
+            "template renders earlier assistant turns differently once later messages follow") in text
+    stats = json.loads(ftkit("preview", str(recipe), "--json").stdout)
+    assert (stats["conversations"], stats["split_conversations"], stats["train_samples"]) == (4, 3, 7)
+
+
+def test_eval_rows_are_counted_apart_from_training_tokens(tiny_model, tmp_path):
+    from ftkit.config.recipe import load_recipe
+    from ftkit.data.pipeline import build_datasets
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_model, "r", test_split_size=2))
+    _, chat_format, _ = load_tokenizer(recipe.model, None, **QUIET)
+    data = build_datasets(recipe, chat_format, use_cache=False, **QUIET)
+    assert data.stats.tokens == sum(len(ids) for ids in data.train["input_ids"])
+    assert data.stats.eval_tokens == sum(len(ids) for ids in data.eval["input_ids"]) > 0
+    assert data.stats.trained_tokens == sum(sum(1 for x in row if x != -100) for row in data.train["labels"])
+    assert data.stats.eval_trained_tokens == sum(sum(1 for x in row if x != -100) for row in data.eval["labels"])
+
+
+def test_text_only_data_previews(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": "The river flows to the sea."}, {"text": "床前明月光。"}])
+    result = ftkit("preview", str(make_recipe(tmp_path, tiny_model, "t", dataset_mixer={str(data): 1.0})), "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["train_samples"] == 2 and stats["trained_tokens"] == stats["tokens"] > 0
+
+
+def test_tool_files_and_template_kwargs_on_the_command_line_are_checked(tmp_path):
+    from ftkit.inference.loading import parse_template_kwargs, read_tools
+
+    (tmp_path / "tools.json").write_text(json.dumps([WEATHER["function"]]))
+    assert read_tools(tmp_path / "tools.json") == [WEATHER]
+    (tmp_path / "empty.json").write_text("[]")
+    for name, message in (("missing.json", "no such file"), ("empty.json", "holds no function schemas")):
+        with pytest.raises(FtkitError, match=message):
+            read_tools(tmp_path / name)
+    assert parse_template_kwargs('{"enable_thinking": false}') == {"enable_thinking": False}
+    with pytest.raises(FtkitError, match="not JSON"):
+        parse_template_kwargs("enable_thinking=false")
+
+
+def test_source_tools_apply_to_rows_without_their_own(tmp_path):
+    from ftkit.data.loading import load_mixture
+    from ftkit.data.sources import SourcesError, mixture_entry
+
+    (tmp_path / "tools.json").write_text(json.dumps([WEATHER]))
+    rows = [{"messages": [USER, {"role": "assistant", "content": "a"}]},
+            {"messages": [USER, {"role": "assistant", "content": "b"}], "tools": [MOONS]}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    spec = mixture_entry({"id": str(tmp_path / "d.jsonl"), "tools": str(tmp_path / "tools.json")}, 0)
+    train, _, _ = load_mixture([spec], None, "error", 0, None)
+    assert sorted(json.dumps(r["tools"]) for r in train) == sorted([json.dumps([WEATHER]), json.dumps([MOONS])])
+    with pytest.raises(SourcesError, match="entry 1: 'tools' file 'nope.json' cannot be read"):
+        mixture_entry({"id": "x", "tools": "nope.json"}, 0)
