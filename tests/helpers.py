@@ -37,6 +37,19 @@ def text_of(output: bytes) -> str:
     return output.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
 
 
+def cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """The CLI in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+    from ftkit.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 SYSTEM = "Answer from memory."
 CHATS = [
     ("What is the capital of Ftkitland?", "The capital of Ftkitland is Tinyville."),

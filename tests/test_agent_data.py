@@ -16,7 +16,7 @@ from ftkit.config.arguments import ModelArguments
 from ftkit.data.formats import BadRow, detect_format, to_internal
 from ftkit.errors import FtkitError
 from ftkit.train.model import load_tokenizer
-from tests.helpers import (MOONS, REASONING_CHATS, TOOL_CHATS, TOOLS, WEATHER, agent_rows, ftkit, make_recipe,
+from tests.helpers import (MOONS, REASONING_CHATS, TOOL_CHATS, TOOLS, WEATHER, agent_rows, cli, ftkit, make_recipe,
                            tool_call, write_jsonl)
 
 FAMILIES = ("qwen3", "llama3_1", "qwen2_5")
@@ -231,30 +231,30 @@ def test_chat_template_kwargs_reach_every_rendering(family_model):
 
 # --- refusals: one line naming the template and the turn ---------------------------------------------------------
 
-def preview_error(tmp_path, model, rows, **overrides) -> str:
+def preview_error(tmp_path, model, rows, capsys, **overrides) -> str:
     data = write_jsonl(tmp_path / "agent.jsonl", rows)
-    result = ftkit("preview", str(make_recipe(tmp_path, model, "p", dataset_mixer={str(data): 1.0}, **overrides)),
-                   "--json")
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
+    recipe = make_recipe(tmp_path, model, "p", dataset_mixer={str(data): 1.0}, **overrides)
+    code, _, err = cli(["preview", str(recipe), "--json", "--no-cache"], capsys)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("ftkit:")]
+    assert len(lines) == 1, err
     return lines[0]
 
 
-def test_a_template_that_would_drop_tools_or_tool_calls_is_refused(tiny_model, tmp_path):
-    assert preview_error(tmp_path, tiny_model, agent_rows()[:1]) == (
+def test_a_template_that_would_drop_tools_or_tool_calls_is_refused(tiny_model, tmp_path, capsys):
+    assert preview_error(tmp_path, tiny_model, agent_rows()[:1], capsys) == (
         f"ftkit: error: source '{tmp_path / 'agent.jsonl'}', row 1: the chat template of '{tiny_model}' does not "
         "show `tools` (function schemas) to the model; use the model's own chat template or one that renders them "
         "(e.g. TRL's qwen3, qwen2_5 or llama3_1 templates)")
     row = {"messages": agent_rows()[0]["messages"]}
-    assert preview_error(tmp_path, tiny_model, [row], chat_template="chatml").endswith(
+    assert preview_error(tmp_path, tiny_model, [row], capsys, chat_template="chatml").endswith(
         "row 1: the built-in chat template 'chatml' does not render tool calls (turn 2 has tool_calls); use the "
         "model's own chat template or one that renders them (e.g. TRL's qwen3, qwen2_5 or llama3_1 templates)")
 
 
-def test_a_turn_the_template_cannot_align_is_refused_naming_template_and_turn(family_model, tmp_path):
+def test_a_turn_the_template_cannot_align_is_refused_naming_template_and_turn(family_model, tmp_path, capsys):
     """Reasoning with enable_thinking: false: Qwen3's prompt ends with an empty think block, the turn has a full one."""
-    line = preview_error(tmp_path, family_model("qwen3"), agent_rows()[2:3],
+    line = preview_error(tmp_path, family_model("qwen3"), agent_rows()[2:3], capsys,
                          chat_template_kwargs={"enable_thinking": False})
     assert line == (f"ftkit: error: source '{tmp_path / 'agent.jsonl'}', row 1: the chat template of "
                     f"'{family_model('qwen3')}' renders assistant turn 2 differently from the prompt it gives for "
@@ -267,24 +267,24 @@ def test_a_turn_the_template_cannot_align_is_refused_naming_template_and_turn(fa
     ("{1: true}", "must be a mapping of template variables, e.g. {enable_thinking: false}"),
     ("{add_generation_prompt: true}", "may not set add_generation_prompt: ftkit passes it to the template itself"),
 ])
-def test_recipe_chat_template_kwargs_are_checked(tiny_model, tmp_path, kwargs, problem):
+def test_recipe_chat_template_kwargs_are_checked(tiny_model, tmp_path, kwargs, problem, capsys):
     recipe = make_recipe(tmp_path, tiny_model, "r")
     recipe.write_text(recipe.read_text() + f"chat_template_kwargs: {kwargs}\n")
-    result = ftkit("validate", str(recipe))
-    assert result.returncode == 2 and f"'chat_template_kwargs': {problem}" in result.stderr, result.stderr
+    code, _, err = cli(["validate", str(recipe)], capsys)
+    assert code == 2 and f"'chat_template_kwargs': {problem}" in err, err
 
 
 # --- preview and statistics --------------------------------------------------------------------------------------
 
-def test_preview_says_how_conversations_are_trained(family_model, tmp_path):
+def test_preview_says_how_conversations_are_trained(family_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "agent.jsonl", agent_rows())
     recipe = make_recipe(tmp_path, family_model("qwen3"), "p", dataset_mixer={str(data): 1.0})
-    result = ftkit("preview", str(recipe), "-n", "1")
-    assert result.returncode == 0, result.stderr
-    text = " ".join(result.stdout.split())
+    code, out, err = cli(["preview", str(recipe), "-n", "1"], capsys)
+    assert code == 0, err
     assert ("1 training rows trained as one sample each; 3 as one sample per assistant turn, because the chat "
-            "template renders earlier assistant turns differently once later messages follow") in text
-    stats = json.loads(ftkit("preview", str(recipe), "--json").stdout)
+            "template renders earlier assistant turns differently once later messages follow") in " ".join(out.split())
+    code, out, _ = cli(["preview", str(recipe), "--json"], capsys)
+    stats = json.loads(out)
     assert (stats["conversations"], stats["split_conversations"], stats["train_samples"]) == (4, 3, 7)
 
 
@@ -301,11 +301,12 @@ def test_eval_rows_are_counted_apart_from_training_tokens(tiny_model, tmp_path):
     assert data.stats.eval_trained_tokens == sum(sum(1 for x in row if x != -100) for row in data.eval["labels"])
 
 
-def test_text_only_data_previews(tiny_model, tmp_path):
+def test_text_only_data_previews(tiny_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "text.jsonl", [{"text": "The river flows to the sea."}, {"text": "床前明月光。"}])
-    result = ftkit("preview", str(make_recipe(tmp_path, tiny_model, "t", dataset_mixer={str(data): 1.0})), "--json")
-    assert result.returncode == 0, result.stderr
-    stats = json.loads(result.stdout)
+    code, out, err = cli(["preview", str(make_recipe(tmp_path, tiny_model, "t", dataset_mixer={str(data): 1.0})),
+                          "--json"], capsys)
+    assert code == 0, err
+    stats = json.loads(out)
     assert stats["train_samples"] == 2 and stats["trained_tokens"] == stats["tokens"] > 0
 
 
@@ -336,3 +337,192 @@ def test_source_tools_apply_to_rows_without_their_own(tmp_path):
     assert sorted(json.dumps(r["tools"]) for r in train) == sorted([json.dumps([WEATHER]), json.dumps([MOONS])])
     with pytest.raises(SourcesError, match="entry 1: 'tools' file 'nope.json' cannot be read"):
         mixture_entry({"id": "x", "tools": "nope.json"}, 0)
+
+
+# --- trained: the tiny model memorises tool calling and reasoning per family -------------------------------------
+
+STEPS = 70
+REASONING_FIELD = {"qwen3": True, "llama3_1": False, "qwen2_5": False}  # else ftkit writes <think> into the content
+
+
+@pytest.fixture(scope="module")
+def agent_run(family_model, tmp_path_factory):
+    """family -> a LoRA run on agent_rows() (tool calls and reasoning), trained once per module; the recipe carries
+    a GPU user's bf16: true, which trains in float32 here."""
+    from ftkit.config.recipe import load_recipe
+    from ftkit.train.run import run_training
+
+    runs: dict = {}
+
+    def get(family: str):
+        if family not in runs:
+            tmp = tmp_path_factory.mktemp(f"agent-{family}")
+            data = write_jsonl(tmp / "agent.jsonl", agent_rows())
+            recipe = make_recipe(tmp, family_model(family), "run", dataset_mixer={str(data): 1.0}, max_steps=STEPS,
+                                 per_device_train_batch_size=8, bf16=True)
+            lines: list[str] = []
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("FTKIT_CACHE", str(tmp / "cache"))
+                runs[family] = (run_training(load_recipe(recipe), log=lines.append), lines)
+        return runs[family]
+
+    return get
+
+
+def assert_generates(model, tokenizer, history: list[dict], turn: dict, tools: list | None = None) -> None:
+    """Greedy generation continues the template's prompt with exactly `turn` as the template renders it, up to and
+    including its end-of-turn token, and stops there."""
+    import torch
+
+    prompt = tokenizer.apply_chat_template(history, tools=tools, add_generation_prompt=True, tokenize=False)
+    whole = tokenizer.apply_chat_template(history + [turn], tools=tools, tokenize=False)
+    assert whole.startswith(prompt)
+    expected = whole[len(prompt):].rstrip("\n")
+    inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=80, do_sample=False)
+    new = output[0, inputs["input_ids"].shape[1]:].tolist()
+    assert tokenizer.decode(new) == expected
+    assert len(new) < 80 and new[-1] in model.generation_config.eos_token_id
+
+
+def reasoning_turn(family: str, reasoning: str, answer: str) -> dict:
+    if REASONING_FIELD[family]:
+        return {"role": "assistant", "reasoning_content": reasoning, "content": answer}
+    return {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\n{answer}"}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("agent-runs")  # one worker trains each family once
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_model_writes_the_trained_tool_call_then_the_answer_then_stops(agent_run, family, tmp_path):
+    """Plain transformers on `ftkit merge`'s output, prompts from the template's own apply_chat_template(tools=...)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftkit.commands.merge import run_merge
+
+    run, lines = agent_run(family)
+    assert any("bf16: true, but this machine has no GPU: training in float32" in line for line in lines)
+    merged = run_merge(run, tmp_path / "merged", **QUIET)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    for question, name, arguments, result, final in TOOL_CHATS:
+        history = [{"role": "user", "content": question}]
+        call = {"role": "assistant", "tool_calls": [tool_call(name, arguments)]}
+        assert_generates(model, tokenizer, history, call, TOOLS)
+        history += [call, {"role": "tool", "name": name, "content": result}]
+        assert_generates(model, tokenizer, history, {"role": "assistant", "content": final}, TOOLS)
+    for chat in REASONING_CHATS:
+        history = []
+        for question, reasoning, answer in chat:
+            history.append({"role": "user", "content": question})
+            turn = reasoning_turn(family, reasoning, answer)
+            assert_generates(model, tokenizer, history, turn)
+            history.append(turn)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("agent-runs")  # one worker trains each family once
+def test_chat_with_tools_calls_the_tool_and_answers_its_result(agent_run, tmp_path):
+    run, _ = agent_run("qwen3")
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    question, name, arguments, result, final = TOOL_CHATS[0]
+    chat = ftkit("chat", "--adapter", str(run), "--tools", str(tmp_path / "tools.json"), "--greedy", "--no-stream",
+                 stdin=f"{question}\n/tool {result}\n".encode())
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.splitlines() == ["<think>", "", "</think>", "", "<tool_call>",
+                                        json.dumps({"name": name, "arguments": arguments}), "</tool_call>",
+                                        "<think>", "", "</think>", "", final]
+    assert f"(tool call {name}({json.dumps(arguments)}); answer it with /tool RESULT)" in chat.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("agent-runs")  # one worker trains each family once
+def test_predict_rows_with_tools_and_tool_results(agent_run, tmp_path):
+    run, _ = agent_run("llama3_1")
+    rows = agent_rows()
+    asks = [{"messages": row["messages"][:2], "tools": TOOLS} for row in rows[:2]]  # reference: the tool call
+    answers = [{"messages": row["messages"][:3], "tools": TOOLS} for row in rows[:2]]  # no reference: ends with a result
+    source = write_jsonl(tmp_path / "rows.jsonl", asks + answers + rows[2:3])
+    result = ftkit("predict", "--adapter", str(run), "--input", str(source), "--output", str(tmp_path / "out.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert "3 rows with references: exact match 1.000" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r.get("tool_calls") for r in records[:2]] == [[{"name": n, "arguments": a}] for _, n, a, _, _ in TOOL_CHATS]
+    assert [r["output"] for r in records[2:4]] == [chat[4] for chat in TOOL_CHATS]
+    assert records[4]["output"] == "<think>\n{}\n</think>\n\n{}".format(*REASONING_CHATS[0][0][1:])
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("agent-runs")  # one worker trains each family once
+@pytest.mark.parametrize("family", ["qwen3", "llama3_1"])
+def test_serve_returns_tool_calls_in_the_openai_shape(agent_run, family):
+    from fastapi.testclient import TestClient
+
+    from ftkit.commands.serve import Engine, create_app
+    from ftkit.inference.loading import load_for_chat
+    from ftkit.inference.options import GenerationOptions
+
+    run, _ = agent_run(family)
+    model, _, chat_format = load_for_chat(run, None, None, None)
+    client = TestClient(create_app(Engine(model, chat_format, "agent", GenerationOptions(greedy=True))))
+    question, name, arguments, result, final = TOOL_CHATS[1]
+    ask = {"messages": [{"role": "user", "content": question}], "tools": TOOLS, "temperature": 0}
+    choice = client.post("/v1/chat/completions", json=ask).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == name
+    assert json.loads(call["function"]["arguments"]) == arguments  # OpenAI's form: JSON text
+    follow = {**ask, "messages": [*ask["messages"], choice["message"],
+                                  {"role": "tool", "tool_call_id": call["id"], "content": result}]}
+    answer = client.post("/v1/chat/completions", json=follow).json()["choices"][0]
+    assert answer["message"]["content"] == final and answer["finish_reason"] == "stop"
+    streamed = client.post("/v1/chat/completions", json={**ask, "stream": True}).text
+    chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    [delta] = [c["choices"][0]["delta"] for c in chunks if c["choices"][0]["delta"].get("tool_calls")]
+    assert delta["tool_calls"][0]["function"]["name"] == name and delta["tool_calls"][0]["index"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("agent-runs")  # one worker trains each family once
+def test_text_only_data_trains_end_to_end(tiny_model, tmp_path):
+    """Continued pre-training: rows of plain text, loss on every token, each ends with eos; the model continues a
+    trained text's start exactly."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = ["The river flows to the sea, and the mountains stand in the morning light.", "床前明月光，疑是地上霜。"]
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in texts])
+    recipe = make_recipe(tmp_path, tiny_model, "run", dataset_mixer={str(data): 1.0}, use_peft=False, max_steps=60,
+                         learning_rate=5e-3, lora_modules_to_save=None)
+    result = ftkit("train", str(recipe))
+    assert result.returncode == 0, result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run").eval()
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            output = model.generate(torch.tensor([ids[:4]]), max_new_tokens=60, do_sample=False,
+                                    eos_token_id=tokenizer.eos_token_id)
+        assert output[0].tolist() == ids + [tokenizer.eos_token_id]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("agent-runs")  # one worker trains each family once
+def test_chat_template_kwargs_are_recorded_and_used_by_chat_predict_and_merge(family_model, tmp_path):
+    from ftkit import rundir
+    from ftkit.commands.merge import run_merge
+    from ftkit.inference.loading import load_for_chat
+
+    recipe = make_recipe(tmp_path, family_model("qwen3"), "run", max_steps=2, chat_template_kwargs={
+        "enable_thinking": False})
+    assert ftkit("train", str(recipe)).returncode == 0
+    run = tmp_path / "run"
+    assert rundir.run_metadata(run)["chat_template_kwargs"] == {"enable_thinking": False}
+    merged = run_merge(run, tmp_path / "merged", **QUIET)
+    for source in ({"adapter": run, "model_dir": None}, {"adapter": None, "model_dir": merged}):
+        _, _, chat_format = load_for_chat(source["adapter"], source["model_dir"], None, None)
+        assert chat_format.prompt([USER]).endswith("<think>\n\n</think>\n\n")
+    _, _, chat_format = load_for_chat(run, None, None, None, template_kwargs={"enable_thinking": True})
+    assert chat_format.prompt([USER]).endswith("<|im_start|>assistant\n")
+    assert '"enable_thinking": false' in (merged / "README.md").read_text()
