@@ -227,9 +227,34 @@ def test_chat_template_kwargs_reach_every_rendering(family_model):
                                                                                 add_special_tokens=False)]
     assert chat_format.prompt(messages[:1], kwargs={"enable_thinking": True}).endswith("<|im_start|>assistant\n")
     assert chat_format.answer(messages, kwargs={"enable_thinking": True}) == "<think>\n\n</think>\n\nSunny."
+    # a hub dataset's column (smoltalk2): Arrow fills keys other rows have with null, which means "not set"
+    row = internal({"messages": messages, "chat_template_kwargs": {"enable_thinking": True, "xml_tools": None}})
+    assert row["chat_template_kwargs"] == {"enable_thinking": True}
+    [(text, [span])] = chat_format.samples(row["messages"], "assistant", kwargs=row["chat_template_kwargs"])
+    assert text[span[0]:span[1]] == "<think>\n\n</think>\n\nSunny.<|im_end|>"
+
+
+def test_a_turn_with_weight_0_carries_no_loss(tiny_model):
+    tokenizer, chat_format, _ = load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)), "chatml", **QUIET)
+    row = internal({"messages": [USER, {"role": "assistant", "content": "Rainy.", "weight": 0},
+                                 {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Sunny."}]})
+    [encoded] = chat_format.encode(row["messages"])
+    assert trained_runs(encoded.input_ids, encoded.labels) == [tokenizer.encode("Sunny.<|im_end|>",
+                                                                                add_special_tokens=False)]
+    assert "Rainy." in tokenizer.decode(encoded.input_ids)
 
 
 # --- refusals: one line naming the template and the turn ---------------------------------------------------------
+
+def test_a_template_that_raises_on_a_row_is_one_line_naming_it(family_model, tmp_path, capsys):
+    """Llama-3.1's template refuses parallel tool calls with raise_exception."""
+    two = {"role": "assistant", "tool_calls": [tool_call("get_weather", {"city": "A"}),
+                                               tool_call("get_weather", {"city": "B"})]}
+    line = preview_error(tmp_path, family_model("llama3_1"), [{"messages": [USER, two], "tools": TOOLS}], capsys)
+    assert line == (f"ftkit: error: source '{tmp_path / 'agent.jsonl'}', row 1: the chat template of "
+                    f"'{family_model('llama3_1')}' cannot render this conversation: TemplateError: This model only "
+                    "supports single tool-calls at once!")
+
 
 def preview_error(tmp_path, model, rows, capsys, **overrides) -> str:
     data = write_jsonl(tmp_path / "agent.jsonl", rows)
@@ -286,6 +311,19 @@ def test_preview_says_how_conversations_are_trained(family_model, tmp_path, caps
     code, out, _ = cli(["preview", str(recipe), "--json"], capsys)
     stats = json.loads(out)
     assert (stats["conversations"], stats["split_conversations"], stats["train_samples"]) == (4, 3, 7)
+    assert stats["unrendered_turns"] == 0
+
+
+def test_preview_counts_turns_whose_text_the_template_leaves_out(family_model, tmp_path, capsys):
+    """Llama-3.1's template renders only the call of an assistant turn that also has text."""
+    chatty = {"messages": [USER, {**CALL, "content": "Let me look."}, {"role": "tool", "content": "sunny"},
+                           {"role": "assistant", "content": "Sunny."}], "tools": TOOLS}
+    data = write_jsonl(tmp_path / "agent.jsonl", [chatty, *agent_rows()])
+    recipe = make_recipe(tmp_path, family_model("llama3_1"), "p", dataset_mixer={str(data): 1.0})
+    code, out, err = cli(["preview", str(recipe), "-n", "0"], capsys)
+    assert code == 0, err
+    assert ("5 training rows, each trained as one sample; note: in 1 assistant turns the chat template leaves out "
+            "text or reasoning the data has") in " ".join(out.split())
 
 
 def test_eval_rows_are_counted_apart_from_training_tokens(tiny_model, tmp_path):
@@ -308,6 +346,36 @@ def test_text_only_data_previews(tiny_model, tmp_path, capsys):
     assert code == 0, err
     stats = json.loads(out)
     assert stats["train_samples"] == 2 and stats["trained_tokens"] == stats["tokens"] > 0
+
+
+def test_serve_reads_requests_as_training_data_and_refuses_what_it_cannot_render(family_model):
+    """400s in OpenAI's error shape, before any generation: an image part, arguments that are not JSON, tools that are
+    not schemas, a template variable ftkit sets itself, a template that raises."""
+    from fastapi.testclient import TestClient
+    from transformers import AutoTokenizer
+
+    from ftkit.commands.serve import Engine, create_app
+    from ftkit.data.chat_format import ChatFormat
+    from ftkit.inference.options import GenerationOptions
+
+    tokenizer = AutoTokenizer.from_pretrained(family_model("llama3_1"))
+    engine = Engine(None, ChatFormat(tokenizer, tokenizer.chat_template, name="llama3_1"), "m", GenerationOptions())
+    client = TestClient(create_app(engine))
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}
+    bad_args = {"role": "assistant", "tool_calls": [tool_call("get_weather", "{city")]}
+    two = {"role": "assistant", "tool_calls": [tool_call("get_weather", {"city": "A"}), tool_call("get_weather", {})]}
+    cases = [({"messages": [image]}, "messages", "messages: turn 1: a content part of type 'image_url' is not text"),
+             ({"messages": [USER, bad_args, {"role": "tool", "content": "x"}]}, "messages",
+              "messages: turn 2: the arguments of tool call 'get_weather' are not valid JSON"),
+             ({"messages": [USER], "tools": [{"description": "x"}]}, "tools", "tools: each tool needs a name"),
+             ({"messages": [USER], "chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs",
+              "chat_template_kwargs may not set add_generation_prompt"),
+             ({"messages": [USER, two, {"role": "tool", "content": "x"}]}, "messages",
+              "llama3_1 cannot render this conversation: TemplateError: This model only supports single tool-calls")]
+    for body, param, message in cases:
+        response = client.post("/v1/chat/completions", json=body)
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == param and error["message"].startswith(message), error
 
 
 def test_tool_files_and_template_kwargs_on_the_command_line_are_checked(tmp_path):

@@ -43,6 +43,7 @@ def statistics(prepared) -> dict:
         "eval_trained_tokens": stats.eval_trained_tokens,
         "conversations": stats.conversations,
         "split_conversations": stats.split_conversations,
+        "unrendered_turns": stats.unrendered_turns,
         "seed": stats.seed,
     }
 
@@ -50,12 +51,16 @@ def statistics(prepared) -> dict:
 def training_layout(stats: dict) -> str:
     """How the conversations become samples: whole, or one sample per assistant turn where the template rewrites
     earlier turns once later messages follow."""
-    split, total = stats["split_conversations"], stats["conversations"]
-    if not split:
-        return f"{total:,} training rows, each trained as one sample"
-    return (f"{total - split:,} training rows trained as one sample each; {split:,} as one sample per assistant turn, "
-            "because the chat template renders earlier assistant turns differently once later messages follow "
-            "(as Qwen3's drops their <think> block): each turn is trained as it is rendered when it is generated")
+    split, total, lost = stats["split_conversations"], stats["conversations"], stats["unrendered_turns"]
+    line = (f"{total - split:,} training rows trained as one sample each; {split:,} as one sample per assistant "
+            "turn, because the chat template renders earlier assistant turns differently once later messages follow "
+            "(as Qwen3's drops their <think> block): each turn is trained as it is rendered when it is generated"
+            ) if split else f"{total:,} training rows, each trained as one sample"
+    if lost:
+        line += (f"; note: in {lost:,} assistant turns the chat template leaves out text or reasoning the data has "
+                 "(e.g. Llama-3.1's renders only the call of a turn with text beside a tool call): they are trained "
+                 "as the template renders them")
+    return line
 
 
 def token_pieces(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:

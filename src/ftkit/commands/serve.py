@@ -196,6 +196,8 @@ def chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
         raise ApiError(400, f"chat_template_kwargs {problem}", param="chat_template_kwargs")
     try:
         return prompt_ids(engine.chat_format, messages, tools, body.chat_template_kwargs)
+    except FtkitError as err:
+        raise ApiError(400, str(err), param="messages") from None
     except (TemplateError, TypeError, ValueError, KeyError) as err:
         raise ApiError(400, f"the chat template cannot render these messages: {err}", param="messages") from None
 

@@ -33,6 +33,14 @@ class Encoded:
 Sample = tuple[str, list[tuple[int, int]]]  # rendered text, character spans that carry loss
 
 
+class TemplateFailed(FtkitError):
+    """The template raised (its own raise_exception, or a Jinja error) on a conversation; `cause` says what."""
+
+    def __init__(self, name: str, err: Exception):
+        self.cause = f"{type(err).__name__}: {err}"
+        super().__init__(f"{name} cannot render this conversation: {self.cause}")
+
+
 class ChatFormat:
     def __init__(self, tokenizer, template: str, template_kwargs: dict | None = None,
                  name: str = "the chat template"):
@@ -43,9 +51,8 @@ class ChatFormat:
         try:
             full = self.render(user + [{"role": "assistant", "content": PROBE_A}])
             before = self.render(user)
-        except Exception as err:  # jinja syntax errors, undefined variables, raise_exception(...)
-            raise FtkitError(f"{self.name} cannot render a user/assistant exchange: {type(err).__name__}: "
-                             f"{err}") from None
+        except TemplateFailed as err:  # jinja syntax errors, undefined variables, raise_exception(...)
+            raise FtkitError(f"{self.name} cannot render a user/assistant exchange: {err.cause}") from None
         if not full.startswith(before) or PROBE_A not in full[len(before):]:
             raise FtkitError(f"{self.name} does not render a conversation as prompt followed by answer; "
                              "choose another chat_template (chatml, llama3, gemma, llama2, alpaca)")
@@ -88,9 +95,12 @@ class ChatFormat:
         """The template applied to messages already in its form (see render)."""
         # A template may name bos_token/eos_token that this tokenizer lacks: render them as "".
         specials = {name: getattr(self.tokenizer, name, None) or "" for name in ("bos_token", "eos_token")}
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt,
-            tools=tools, **specials, **{**self.template_kwargs, **(kwargs or {})})
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt,
+                tools=tools, **specials, **{**self.template_kwargs, **(kwargs or {})})
+        except Exception as err:  # raise_exception("...") in the template, undefined variables, type errors
+            raise TemplateFailed(self.name, err) from None
 
     def adapt(self, messages: list[dict]) -> list[dict]:
         """ftkit's message form -> this template's (argument form, reasoning field, system folding)."""
@@ -164,9 +174,11 @@ class ChatFormat:
         return stops + ([eos] if eos and eos not in stops else [])
 
     def samples(self, messages: list[dict], train_on: str, tools: list | None = None, kwargs: dict | None = None,
-                check: bool = True) -> list[Sample]:
+                check: bool = True, unrendered: list | None = None) -> list[Sample]:
         """The rendered samples of one conversation and the character spans that carry loss: one sample, or one
-        per assistant turn where the template renders earlier turns differently once later messages follow."""
+        per assistant turn where the template renders earlier turns differently once later messages follow.
+        `unrendered` collects the numbers of trained turns whose text or reasoning the template leaves out (Llama-3.1
+        renders only the call of a turn that has text beside a tool call)."""
         if check:
             self.check_supported(messages, tools)
         trained = {i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight") != 0}
@@ -182,6 +194,10 @@ class ChatFormat:
         groups: list[Sample] = [(text, [])]
         for i in reversed(turns):
             upto, span = self._turn(adapted, i, i + 1 + shift, tools, kwargs)
+            said = upto[span[0]:span[1]]
+            if unrendered is not None and any(part.strip() not in said for part in (
+                    adapted[i]["content"], adapted[i].get("reasoning_content") or "")):
+                unrendered.append(i + 1 + shift)
             group = next((g for g in groups if g[0].startswith(upto)), None)
             if group is None:
                 group = (upto, [])

@@ -70,7 +70,8 @@ def conversation_parts(row: dict, fmt: str, system_prompt: str | None) -> tuple[
 
 
 def template_kwargs(raw: Any, where: str) -> dict | None:
-    """A row's chat_template_kwargs: a mapping (or that mapping as JSON text), e.g. {"enable_thinking": false}."""
+    """A row's chat_template_kwargs: a mapping (or that mapping as JSON text), e.g. {"enable_thinking": false}. A
+    null value is left out: in a hub dataset it is Arrow's filler for a key other rows have (smoltalk2)."""
     if raw is None or raw == "" or raw == {}:
         return None
     if isinstance(raw, str):
@@ -81,7 +82,7 @@ def template_kwargs(raw: Any, where: str) -> dict | None:
     problem = template_kwargs_problem(raw)
     if problem:
         raise BadRow(f"{where} {problem}")
-    return raw
+    return {k: v for k, v in raw.items() if v is not None} or None
 
 
 def template_kwargs_problem(kwargs: Any) -> str | None:

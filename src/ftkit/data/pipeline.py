@@ -98,11 +98,12 @@ def tokenize_rows(rows: list[dict], chat_format: ChatFormat, recipe, stats: Data
         stats.tokens, stats.trained_tokens = stats.tokens + tokens, stats.trained_tokens + trained
         stats.conversations += len(rows)
         stats.split_conversations += sum(encoded["split"])
+        stats.unrendered_turns += sum(encoded["unrendered"])
     else:
         stats.eval_tokens, stats.eval_trained_tokens = stats.eval_tokens + tokens, stats.eval_trained_tokens + trained
     top = max((max(ids) for ids in all_ids if ids), default=-1)
     stats.max_token_id = max(top, stats.max_token_id if stats.max_token_id is not None else -1)
-    return kept.remove_columns(["truncated", "keep", "n_trained", "split"])
+    return kept.remove_columns(["truncated", "keep", "n_trained", "split", "unrendered"])
 
 
 def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=print) -> Prepared:

@@ -73,7 +73,7 @@ def build_streaming(recipe, chat_format: ChatFormat, log=print):
                           fn_kwargs={"chat_format": chat_format, "train_on": d.train_on,
                                      "max_length": recipe.sft_value("max_length"), "overlong": d.overlong})
     tokenised = tokenised.filter(lambda keep: keep, input_columns="keep").remove_columns(
-        ["truncated", "keep", "n_trained", "split"])
+        ["truncated", "keep", "n_trained", "split", "unrendered"])
     evaluation, count = None, int(d.test_split_size or 0)
     if wants_eval and count >= 1:
         evaluation, tokenised = tokenised.take(count), tokenised.skip(count)

@@ -26,6 +26,7 @@ class DataStats:
     eval_trained_tokens: int = 0
     conversations: int = 0  # training conversations (and text rows)
     split_conversations: int = 0  # trained as one sample per assistant turn (the template rewrites earlier turns)
+    unrendered_turns: int = 0  # trained assistant turns whose text or reasoning the template leaves out
     max_token_id: int | None = None  # recorded once here, so a cached run need not rescan every id
     rows_per_source: dict[str, int] = field(default_factory=dict)  # after weighting
     rows_in_per_source: dict[str, int] = field(default_factory=dict)  # before weighting
@@ -46,9 +47,10 @@ def stored(row: dict) -> dict:
     return {"row": json.dumps(row, ensure_ascii=False)}
 
 
-def row_samples(row: dict, chat_format: ChatFormat, train_on: str) -> list[tuple[str, list]]:
+def row_samples(row: dict, chat_format: ChatFormat, train_on: str, unrendered: list) -> list[tuple[str, list]]:
     try:
-        return chat_format.samples(row["messages"], train_on, row.get("tools"), row.get("chat_template_kwargs"))
+        return chat_format.samples(row["messages"], train_on, row.get("tools"), row.get("chat_template_kwargs"),
+                                   unrendered=unrendered)
     except FtkitError as err:
         raise FtkitError(f"{row['where']}: {err}" if row.get("where") else str(err)) from None
 
@@ -57,26 +59,28 @@ def encode_batch(batch: dict[str, list], chat_format: ChatFormat, train_on: str,
                  overlong: str) -> dict[str, list]:
     """Stored rows -> samples; a conversation the template rewrites gives several (see ChatFormat.samples)."""
     tokenizer, eos_id = chat_format.tokenizer, chat_format.tokenizer.eos_token_id
-    encoded: list[tuple[list[int], list[int], bool]] = []  # ids, labels, first sample of a split conversation
-    chats: list[tuple[int, int]] = []  # (position in `encoded`, number of samples)
+    encoded: list[tuple[list[int], list[int], bool, int]] = []  # ids, labels, first of a split row, unrendered
+    chats: list[tuple[int, int, int]] = []  # (position in `encoded`, samples, unrendered turns)
     texts = []
     for raw in batch["row"]:
         row = json.loads(raw)
         if row["messages"] is None:  # plain text: continued pre-training, loss on everything, ends with eos
             ids = tokenizer(row["text"])["input_ids"] + ([eos_id] if eos_id is not None else [])
-            encoded.append((ids, list(ids), False))
+            encoded.append((ids, list(ids), False, 0))
             continue
-        samples = row_samples(row, chat_format, train_on)
-        chats.append((len(encoded), len(samples)))
-        encoded += [([], [], False)] * len(samples)
+        unrendered: list[int] = []
+        samples = row_samples(row, chat_format, train_on, unrendered)
+        chats.append((len(encoded), len(samples), len(unrendered)))
+        encoded += [([], [], False, 0)] * len(samples)
         texts += samples
     pieces = iter(chat_format.encode_texts(texts))
-    for start, count in chats:
+    for start, count, lost in chats:
         for k in range(count):
             piece = next(pieces)
-            encoded[start + k] = (piece.input_ids, piece.labels, k == 0 and count > 1)
-    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "keep": [], "n_trained": [], "split": []}
-    for ids, labels, split in encoded:
+            encoded[start + k] = (piece.input_ids, piece.labels, k == 0 and count > 1, lost if k == 0 else 0)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "keep": [], "n_trained": [], "split": [],
+                            "unrendered": []}
+    for ids, labels, split, lost in encoded:
         too_long = max_length is not None and len(ids) > max_length
         if too_long and overlong == "truncate":
             ids, labels = ids[:max_length], labels[:max_length]
@@ -87,4 +91,5 @@ def encode_batch(batch: dict[str, list], chat_format: ChatFormat, train_on: str,
         out["keep"].append(trained > 0 and not (too_long and overlong == "drop"))
         out["n_trained"].append(trained)
         out["split"].append(split)
+        out["unrendered"].append(lost)
     return out

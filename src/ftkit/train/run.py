@@ -109,6 +109,9 @@ def data_summary(stats) -> str:
     if stats.split_conversations:
         parts.append(f"{stats.split_conversations} conversations trained as one sample per assistant turn (the chat "
                      "template rewrites earlier turns; see ftkit preview)")
+    if stats.unrendered_turns:
+        parts.append(f"{stats.unrendered_turns} assistant turns lose text the chat template does not render (see "
+                     "ftkit preview)")
     if stats.test_split_carved:
         parts.append(f"eval split of {stats.test_split_carved} carved from train")
     counts = {"truncated": stats.truncated, "dropped (too long)": stats.dropped_overlong,
