@@ -339,6 +339,21 @@ def test_eval_rows_are_counted_apart_from_training_tokens(tiny_model, tmp_path):
     assert data.stats.eval_trained_tokens == sum(sum(1 for x in row if x != -100) for row in data.eval["labels"])
 
 
+def test_streaming_gives_the_samples_the_cached_pipeline_gives(family_model, tmp_path):
+    """Tool rows and split conversations through `streaming: true` (rows read lazily) as through the token cache."""
+    from ftkit.config.recipe import load_recipe
+    from ftkit.data.pipeline import build_datasets
+
+    data = write_jsonl(tmp_path / "agent.jsonl", agent_rows())
+    recipe = load_recipe(make_recipe(tmp_path, family_model("qwen3"), "r", dataset_mixer={str(data): 1.0}))
+    _, chat_format, _ = load_tokenizer(recipe.model, None, **QUIET)
+    cached = build_datasets(recipe, chat_format, use_cache=False, **QUIET).train
+    recipe.data.streaming = True
+    streamed = build_datasets(recipe, chat_format, **QUIET).train
+    seen = {json.dumps([row["input_ids"], row["labels"]]) for row in streamed.take(30)}
+    assert seen == {json.dumps([row["input_ids"], row["labels"]]) for row in cached} and len(seen) == 7
+
+
 def test_text_only_data_previews(tiny_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "text.jsonl", [{"text": "The river flows to the sea."}, {"text": "床前明月光。"}])
     code, out, err = cli(["preview", str(make_recipe(tmp_path, tiny_model, "t", dataset_mixer={str(data): 1.0})),

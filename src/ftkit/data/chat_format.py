@@ -157,6 +157,7 @@ class ChatFormat:
                 samples = self.samples(messages, "assistant", check=False)
             except Exception:  # a template that cannot be aligned: its tokens are all structure
                 samples = [(self.render(messages), [])] if messages is probe else []
+            special |= set(SPECIAL_LOOKING.findall(self.render(messages)))
             for text, spans in samples:
                 inside = set()
                 for start, end in spans:
@@ -168,10 +169,25 @@ class ChatFormat:
         special -= plain
         return sorted(t for t in special if t not in vocab), sorted(t for t in plain if t not in vocab)
 
+    @cached_property
+    def call_end(self) -> str | None:
+        """The token that ends a tool-call turn, where it is not the end-of-turn token (gpt-oss's <|call|>)."""
+        if not self.features.arguments:
+            return None
+        call = template_features.probe_call(template_features.PROBE_ARGS)
+        try:
+            [(text, [(start, end)])] = self.samples(call, "assistant", check=False)
+        except (FtkitError, ValueError):
+            return None
+        answer = text[start:end].rstrip()
+        specials = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
+        found = sorted((tok for tok in specials if tok and answer.endswith(tok)), key=len)
+        return found[-1] if found and found[-1] != self.end_of_turn else None
+
     def stop_strings(self) -> list[str]:
-        stops = [self.end_of_turn] if self.end_of_turn else []
-        eos = self.tokenizer.eos_token
-        return stops + ([eos] if eos and eos not in stops else [])
+        """Where generation ends: the end-of-turn token, the end of a tool call if different, eos."""
+        stops = [t for t in (self.end_of_turn, self.call_end, self.tokenizer.eos_token) if t]
+        return list(dict.fromkeys(stops))
 
     def samples(self, messages: list[dict], train_on: str, tools: list | None = None, kwargs: dict | None = None,
                 check: bool = True, unrendered: list | None = None) -> list[Sample]:

@@ -64,8 +64,8 @@ def template_label(spec: str | None, tokenizer_name: str) -> str:
 
 
 def ensure_pad_token(tokenizer, chat_format: ChatFormat, log=print) -> None:
-    """A pad token that is neither eos nor the end-of-turn token, so those never look like padding."""
-    reserved = {tokenizer.eos_token, chat_format.end_of_turn}
+    """A pad token that is no stop token (eos, end of turn, end of a tool call), so those never look like padding."""
+    reserved = set(chat_format.stop_strings())
     if tokenizer.pad_token is not None and tokenizer.pad_token not in reserved:
         return
     if tokenizer.unk_token is not None and tokenizer.unk_token not in reserved:
