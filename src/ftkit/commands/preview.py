@@ -54,7 +54,8 @@ def training_layout(stats: dict) -> str:
     split, total, lost = stats["split_conversations"], stats["conversations"], stats["unrendered_turns"]
     line = (f"{total - split:,} training rows trained as one sample each; {split:,} as one sample per assistant "
             "turn, because the chat template renders earlier assistant turns differently once later messages follow "
-            "(as Qwen3's drops their <think> block): each turn is trained as it is rendered when it is generated"
+            "(as Qwen3's drops their <think> block): each turn is trained as it is rendered when it is generated "
+            "(a template that keeps earlier turns, such as TRL's qwen3_training.jinja, trains them as one sample)"
             ) if split else f"{total:,} training rows, each trained as one sample"
     if lost:
         line += (f"; note: in {lost:,} assistant turns the chat template leaves out text or reasoning the data has "

@@ -150,14 +150,15 @@ class ChatFormat:
             conversations.append([*probe[1:2], {**probe[2], "reasoning_content": PROBE_Q}])
         if self.features.arguments:
             call = template_features.probe_call(template_features.PROBE_ARGS)
-            conversations.append(call + ([{"role": "tool", "content": PROBE_S}] if self.features.tool_results else []))
+            result = {"role": "tool", "tool_call_id": "call_0", "name": template_features.PROBE_TOOL, "content": PROBE_S}
+            conversations.append(call + ([result] if self.features.tool_results else []))
         vocab, special, plain = self.tokenizer.get_vocab(), set(), set()
         for messages in conversations:
             try:
                 samples = self.samples(messages, "assistant", check=False)
+                special |= set(SPECIAL_LOOKING.findall(self.render(messages)))
             except Exception:  # a template that cannot be aligned: its tokens are all structure
                 samples = [(self.render(messages), [])] if messages is probe else []
-            special |= set(SPECIAL_LOOKING.findall(self.render(messages)))
             for text, spans in samples:
                 inside = set()
                 for start, end in spans:
@@ -180,8 +181,7 @@ class ChatFormat:
         except (FtkitError, ValueError):
             return None
         answer = text[start:end].rstrip()
-        specials = set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab())
-        found = sorted((tok for tok in specials if tok and answer.endswith(tok)), key=len)
+        found = sorted((tok for tok in self.tokenizer.all_special_tokens if tok and answer.endswith(tok)), key=len)
         return found[-1] if found and found[-1] != self.end_of_turn else None
 
     def stop_strings(self) -> list[str]:

@@ -49,10 +49,13 @@ def detect(render: Callable[..., str]) -> Features:
             return ""
 
     arguments = None
-    for form, value in (("object", PROBE_ARGS), ("string", json.dumps(PROBE_ARGS))):
-        if shows_arguments(attempt(probe_call(value))):
-            arguments = form
-            break
+    given = attempt(probe_call(PROBE_ARGS))
+    # JSON from the object, or a syntax of the template's own written from it (Gemma 4's call:name{key:value}),
+    # but not Python's repr of a dict (a template that prints the arguments as given)
+    if shows_arguments(given) or (PROBE_TOOL in given and "ftkitprobevalue" in given and repr(PROBE_ARGS) not in given):
+        arguments = "object"
+    elif shows_arguments(attempt(probe_call(json.dumps(PROBE_ARGS)))):
+        arguments = "string"
     value = PROBE_ARGS if arguments != "string" else json.dumps(PROBE_ARGS)
     result = {"role": "tool", "tool_call_id": "call_0", "name": PROBE_TOOL, "content": PROBE_RESULT}
     tool_results = PROBE_RESULT in attempt(probe_call(value) + [result])
