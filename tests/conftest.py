@@ -24,6 +24,22 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """family -> the tiny model dressed as that family (qwen3, qwen2_5, llama3_1): its tokens and TRL's copy of its
+    real chat template (scripts/make_tiny_model.py --family); each built once per session."""
+    built: dict[str, Path] = {}
+    build = runpy.run_path(str(ROOT / "scripts" / "make_tiny_model.py"))["build"]
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = tmp_path_factory.mktemp("models") / f"tiny-{family}"
+            build(built[family], family=family)
+        return built[family]
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FTKIT_CACHE", str(tmp_path_factory.getbasetemp() / "ftkit-cache"))

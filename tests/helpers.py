@@ -37,6 +37,19 @@ def text_of(output: bytes) -> str:
     return output.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
 
 
+def cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """The CLI in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+    from ftkit.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 SYSTEM = "Answer from memory."
 CHATS = [
     ("What is the capital of Ftkitland?", "The capital of Ftkitland is Tinyville."),
@@ -85,6 +98,48 @@ def assert_memorised(model, chat_format) -> None:
         history.append({"role": "assistant", "content": answer})
 
 
+
+
+# Agent traces and reasoning, as people bring them: OpenAI exports (arguments as JSON text, tool results as JSON),
+# Hugging Face messages (arguments as objects), reasoning_content. The tiny model memorises them per family.
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+MOONS = {"type": "function", "function": {"name": "get_moons", "description": "The moons of a planet",
+         "parameters": {"type": "object", "properties": {"planet": {"type": "string"}}, "required": ["planet"]}}}
+TOOLS = [WEATHER, MOONS]
+# (question, tool, arguments, tool result, final answer)
+TOOL_CHATS = [("What is the weather in Tinyville?", "get_weather", {"city": "Tinyville"}, "sunny, 21 C",
+               "It is sunny and 21 C in Tinyville."),
+              ("Look up the moons of Zorb.", "get_moons", {"planet": "Zorb"}, '["Pim", "Pom", "Pum"]',
+               "Zorb has three moons: Pim, Pom and Pum.")]
+# turns of (question, reasoning, answer)
+REASONING_CHATS = [[("How many moons does Zorb have?", "Zorb's moons are Pim, Pom and Pum.", "Three.")],
+                   [("Tell me about Ftkitland.", "Recall its capital.", "Its capital is Tinyville."),
+                    ("And which animal lives there?", "The cat of Byte Island.", "A sleepy orange cat.")]]
+
+
+def tool_call(name: str, arguments, call_id: str | None = None) -> dict:
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    return {**call, "id": call_id} if call_id else call
+
+
+def agent_rows() -> list[dict]:
+    """The tool chats in OpenAI's export form (the first with arguments as JSON text) and the reasoning chats."""
+    rows = []
+    for k, (question, name, arguments, result, final) in enumerate(TOOL_CHATS):
+        args = json.dumps(arguments) if k == 0 else arguments
+        rows.append({"messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": None, "tool_calls": [tool_call(name, args, f"call_{k}")]},
+            {"role": "tool", "tool_call_id": f"call_{k}", "content": json.loads(result) if k else result},
+            {"role": "assistant", "content": final}], "tools": TOOLS})
+    for chat in REASONING_CHATS:
+        messages = []
+        for question, reasoning, answer in chat:
+            messages += [{"role": "user", "content": question},
+                         {"role": "assistant", "reasoning_content": reasoning, "content": answer}]
+        rows.append({"messages": messages})
+    return rows
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

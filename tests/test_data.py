@@ -42,7 +42,7 @@ def test_recipe_system_prompt_added_only_where_missing():
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}], "turn 2: empty assistant turn"),
     ([*QA, {"role": "system", "content": "s"}], "turn 3: a system turn may only come first"),
     ([QA[0], QA[0], QA[1]], "turn 2: two user turns in a row"),
-    ([{"role": "robot", "content": "x"}, QA[1]], "turn 1: unknown role 'robot' (expected system, user, assistant)"),
+    ([{"role": "robot", "content": "x"}, QA[1]], "turn 1: unknown role 'robot' (expected system, user, assistant, tool)"),
 ])
 def test_bad_conversations_say_why(messages, message):
     with pytest.raises(BadRow, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):

@@ -62,7 +62,7 @@ def test_trained_tokens_are_exactly_answers_and_end_of_turn(tiny_model, tmp_path
     tokenizer.save_pretrained(tmp_path)
     args = ModelArguments(model_name_or_path=str(tmp_path))
     tokenizer, chat_format, _ = load_tokenizer(args, family, log=lambda *_: None)
-    encoded = chat_format.encode(CONVERSATION)
+    [encoded] = chat_format.encode(CONVERSATION)
     runs = trained_runs(encoded.input_ids, encoded.labels)
     _, expected = FAMILIES[family]
     assert [tokenizer.decode(run) for run in runs] == expected
@@ -78,7 +78,7 @@ def test_prompt_is_the_training_prefix(tiny_model, tmp_path, family):
     tokenizer = family_tokenizer(tiny_model, family)
     tokenizer.save_pretrained(tmp_path)
     tokenizer, chat_format, _ = load_tokenizer(ModelArguments(model_name_or_path=str(tmp_path)), family, log=lambda *_: None)
-    encoded = chat_format.encode(CONVERSATION)
+    [encoded] = chat_format.encode(CONVERSATION)
     prompt_ids = tokenizer.encode(chat_format.prompt(CONVERSATION[:4]), add_special_tokens=False)
     first_trained_of_turn_2 = [i for i, label in enumerate(encoded.labels) if label != -100][-len(
         trained_runs(encoded.input_ids, encoded.labels)[-1])]
@@ -114,7 +114,7 @@ def test_train_on_options(tiny_model, train_on, expected):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     chat_format = ChatFormat(tokenizer, BUILTIN_TEMPLATES["chatml"])
-    encoded = chat_format.encode(CONVERSATION, train_on)
+    [encoded] = chat_format.encode(CONVERSATION, train_on)
     if expected is None:
         assert encoded.labels == encoded.input_ids
     else:
@@ -148,6 +148,6 @@ def test_a_broken_template_file_is_one_clear_error(tiny_model, tmp_path):
 
     template = tmp_path / "broken.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfo %}")
-    with pytest.raises(FtkitError, match=r"^the chat template cannot render a user/assistant exchange: "
+    with pytest.raises(FtkitError, match=r"^the chat template .broken.jinja. cannot render a user/assistant exchange: "
                                          r"TemplateSyntaxError: "):
         load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)), str(template), log=lambda *_: None)

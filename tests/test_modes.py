@@ -233,6 +233,11 @@ def test_precision_rule_on_each_kind_of_hardware():
         training_precision(qlora, {"bf16": True}, t4)
     assert training_precision(qlora, {}, t4).bf16 is False
     assert training_precision(ModelArguments(model_name_or_path="x", dtype="bfloat16"), {}, CPU).dtype == "float32"
+    for key in ("bf16", "fp16"):  # a GPU user's recipe runs unchanged on a laptop, in float32, with a note
+        laptop = training_precision(qlora, {key: True}, CPU)
+        assert (laptop.bf16, laptop.fp16, laptop.dtype, laptop.device) == (False, False, "float32", "cpu")
+        assert laptop.note == (f"{key}: true, but this machine has no GPU: training in float32 on the CPU (the recipe "
+                               "keeps its setting for a GPU)")
 
 
 def test_perplexity():

@@ -62,7 +62,7 @@ def test_preview_renders_masks_with_end_of_turn_trained(tmp_path, tiny_model, ca
 
     tokenizer, chat_format, _ = load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model)), "chatml",
                                                log=lambda *_: None)
-    encoded = chat_format.encode(QA)
+    [encoded] = chat_format.encode(QA)
     trained = "".join(text for text, is_trained in token_pieces(tokenizer, encoded.input_ids, encoded.labels)
                       if is_trained)
     assert trained == "Answer.<|im_end|>"
@@ -78,8 +78,8 @@ def test_preview_renders_masks_with_end_of_turn_trained(tmp_path, tiny_model, ca
     ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}\n',
      "source '{src}', row 1: turn 2: empty assistant turn (set on_bad_rows: skip to skip such rows)"),
     ('{"conversations": [{"from": "alien", "value": "q"}]}\n',
-     "source '{src}', row 1: unknown ShareGPT speaker 'alien'; expected one of ['assistant', 'bot', 'gpt', 'human', "
-     "'model', 'system', 'user'] (set on_bad_rows: skip to skip such rows)"),
+     "source '{src}', row 1: unknown ShareGPT speaker 'alien'; expected one of ['assistant', 'bot', "
+     "'function_call', 'gpt', 'human', 'model', 'observation', 'system', 'tool', 'user'] (set on_bad_rows: skip to skip such rows)"),
     ('{"messages": []}\n{"messages": [}\n', "{src}:2: not valid JSON: Expecting value (column 15)"),
 ])
 def test_bad_data_is_one_line_with_exit_2(tmp_path, tiny_model, capsys, content, message):

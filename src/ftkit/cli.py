@@ -151,6 +151,8 @@ TopKOpt = typer.Option(50, "--top-k", help="Sample among the k most likely token
 RepetitionOpt = typer.Option(1.0, "--repetition-penalty", help="Penalty > 1 discourages repeating tokens.")
 NoRepeatOpt = typer.Option(0, "--no-repeat-ngram-size", help="Never repeat an n-gram of this size (0: off).")
 SeedOpt = typer.Option(None, "--seed", help="Random seed for sampling.")
+TemplateKwargsOpt = typer.Option(None, "--chat-template-kwargs", help="Chat template variables as JSON, e.g. "
+                                 "'{\"enable_thinking\": false}', added over those the run was trained with.")
 
 
 def greedy_option(default: bool):
@@ -189,6 +191,9 @@ def chat(
     dtype: Optional[str] = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
     stream: bool = typer.Option(True, help="Print tokens as they are generated."),
+    tools: Optional[Path] = typer.Option(None, "--tools", help="A JSON file with a list of function schemas for "
+                                         "the chat template; answer the model's tool calls with /tool RESULT."),
+    chat_template_kwargs: Optional[str] = TemplateKwargsOpt,
 ) -> None:
     """Talk to a trained model with the exact chat template it was trained with.
 
@@ -199,7 +204,8 @@ def chat(
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
                                   greedy, seed)
     run_chat(adapter=adapter, model_dir=model, base=base, prompt=prompt, system=system, options=options, dtype=dtype,
-             stream=stream, trust_remote_code=trust_remote_code)
+             stream=stream, trust_remote_code=trust_remote_code, tools_path=tools,
+             template_kwargs=chat_template_kwargs)
 
 
 @app.command()
@@ -223,14 +229,18 @@ def predict(
     seed: Optional[int] = SeedOpt,
     dtype: Optional[str] = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
+    chat_template_kwargs: Optional[str] = TemplateKwargsOpt,
 ) -> None:
-    """Answer every row of a file (greedy by default); score against the rows' answers when they have them."""
+    """Answer every row of a file (greedy by default); score against the rows' answers when they have them.
+
+    Rows may carry `tools` (function schemas) and `chat_template_kwargs` columns, and tool calls and results in
+    their history; a row ending with a tool result is answered after it."""
     from ftkit.commands.predict import run_predict
 
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
                                   greedy, seed)
     run_predict(adapter, model, base, input_, output, options, batch_size=batch_size, system=system, dtype=dtype,
-                trust_remote_code=trust_remote_code)
+                trust_remote_code=trust_remote_code, template_kwargs=chat_template_kwargs)
 
 
 @app.command()
@@ -269,14 +279,19 @@ def serve(
     no_repeat_ngram_size: int = NoRepeatOpt,
     dtype: Optional[str] = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
+    chat_template_kwargs: Optional[str] = TemplateKwargsOpt,
 ) -> None:
-    """OpenAI-compatible HTTP server (FastAPI + uvicorn): /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    """OpenAI-compatible HTTP server (FastAPI + uvicorn): /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+    A chat request's `tools` go to the chat template, and tool calls the model writes in the template's syntax
+    (Qwen's <tool_call> blocks, Llama-3.1's JSON) come back as `tool_calls`; a request may add
+    `chat_template_kwargs`."""
     from ftkit.commands.serve import run_serve
 
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
                                   False, None)
     run_serve(adapter, model, base, options, host=host, port=port, queue_size=queue_size, name=name, dtype=dtype,
-              trust_remote_code=trust_remote_code, api_key=api_key or None)
+              trust_remote_code=trust_remote_code, api_key=api_key or None, template_kwargs=chat_template_kwargs)
 
 
 def quiet_libraries(debug: bool) -> None:

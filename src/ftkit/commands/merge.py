@@ -197,6 +197,9 @@ def model_card(adapter: Path, base_name: str, output: Path, run: dict) -> str:
              "print(tokenizer.decode(model.generate(**prompt)[0], skip_special_tokens=True))", "```", "",
              f"The chat template is the one used in training (`chat_template.jinja`); `generation_config.json` "
              f"stops at the end-of-turn token `{run.get('end_of_turn')}`.", ""]
+    if run.get("chat_template_kwargs"):
+        lines += [f"It was trained with the chat template variables `{json.dumps(run['chat_template_kwargs'])}`: "
+                  "pass them to `apply_chat_template` too (ftkit chat, predict and serve do).", ""]
     lines += card_data_section(recipe, summary) + card_results(summary)
     kept = {k: v for k, v in recipe.items() if v is not None and v is not False and v != []}
     if kept:

@@ -8,7 +8,6 @@ that change nothing here (user, metadata, ...) are ignored, as vLLM does.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any, Literal
@@ -80,37 +79,16 @@ class Message(BaseModel):
     name: str | None = None
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
-    @field_validator("content")
-    @classmethod
-    def _text_parts(cls, value):
-        """[{"type": "text", "text": ...}, ...] is joined into one string; images and audio are refused."""
-        if not isinstance(value, list):
-            return value
-        if not all(part.get("type") == "text" and isinstance(part.get("text"), str) for part in value):
-            raise ValueError("only text content parts are supported")
-        return "".join(part["text"] for part in value)
+    def for_template(self, number: int = 1) -> dict:
+        """The message in ftkit's form, as training data is read (data/messages.py): multi-part text joined,
+        tool-call arguments as objects; raises BadRow on what cannot be (an image part, arguments not JSON)."""
+        from ftkit.data.messages import normalise_message
 
-    def for_template(self) -> dict:
-        """The message as Hugging Face chat templates expect it: tool-call arguments as objects, not JSON text."""
-        out: dict = {"role": "system" if self.role == "developer" else self.role, "content": self.content or ""}
-        if self.name:
-            out["name"] = self.name
-        if self.tool_call_id:
-            out["tool_call_id"] = self.tool_call_id
-        if self.tool_calls:
-            out["tool_calls"] = [_call_arguments_as_object(call) for call in self.tool_calls]
-        return out
-
-
-def _call_arguments_as_object(call: dict) -> dict:
-    function = dict(call.get("function") or {})
-    if isinstance(function.get("arguments"), str):
-        try:
-            function["arguments"] = json.loads(function["arguments"])
-        except ValueError:
-            pass  # a template renders whatever it is given
-    return {**call, "function": function}
+        raw = self.model_dump(exclude_none=True)
+        raw.setdefault("content", "")
+        return normalise_message(raw, number)
 
 
 class ChatRequest(Sampling):
@@ -118,6 +96,7 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict] | None = None
     tool_choice: Any = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension, e.g. {"enable_thinking": false}
 
     @model_validator(mode="after")
     def _ends_with_a_question(self):
@@ -182,10 +161,26 @@ def usage(prompt_tokens: int, choices) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def chat_response(model: str, choices, used: dict) -> dict:
+def chat_response(model: str, choices, used: dict, style: str | None = None) -> dict:
+    """`style`: the tool-call syntax to read back into `tool_calls` (when the request had tools)."""
     return {**head("chat.completion", model), "usage": used, "choices": [
-        {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-         "logprobs": None} for i, c in enumerate(choices)]}
+        {"index": i, **chat_message(c, style), "logprobs": None} for i, c in enumerate(choices)]}
+
+
+def chat_message(choice, style: str | None) -> dict:
+    """{"message": ..., "finish_reason": ...}: reasoning in a leading <think> block goes to `reasoning_content`,
+    tool calls in the template's syntax to `tool_calls` (finish_reason "tool_calls")."""
+    from ftkit.inference.replies import openai_tool_calls, parse_reply
+
+    reply = parse_reply(choice.text, style)
+    message: dict = {"role": "assistant", "content": reply.content}
+    if reply.reasoning:
+        message["reasoning_content"] = reply.reasoning
+    if reply.tool_calls:
+        message["tool_calls"] = openai_tool_calls(reply.tool_calls)
+        message["content"] = reply.content or None
+        return {"message": message, "finish_reason": "tool_calls"}
+    return {"message": message, "finish_reason": choice.finish_reason}
 
 
 def completion_response(model: str, choices, used: dict) -> dict:

@@ -2,9 +2,11 @@
 the answers against the rows' own answers when they have them.
 
 The prompt of a row is its conversation up to the last assistant turn, built with the run's saved chat
-template exactly as `ftkit chat` builds it; the reference is that turn's content. Rows without an answer
-(an Alpaca test file of instruction/input, a prompt-only file, messages ending with a user turn) are
-answered and have no reference. Rerunning with the same --output skips the rows already written.
+template exactly as `ftkit chat` builds it (with the row's `tools` and `chat_template_kwargs`); the reference is
+what training taught for that turn (its content, or with a tool call or reasoning the template's rendering of it);
+tool calls in the answer are also written as `tool_calls`. Rows without an answer (an Alpaca test file of
+instruction/input, a prompt-only file, messages ending with a user turn or a tool result) are answered and have no
+reference. Rerunning with the same --output skips the rows already written.
 
 Every line ftkit predict writes begins `{"ftkit_predict": 1, "row": N, ...}`: that mark is how a rerun knows the
 file is its own to resume. Any other existing file (the input itself, a user's notes, another tool's output)
@@ -20,24 +22,24 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftkit.inference.options import GenerationOptions
-from ftkit.data.formats import (BadRow, detect_format, from_alpaca, from_messages, from_prompt_completion,
-                                from_sharegpt)
+from ftkit.data.formats import BadRow, conversation_parts, detect_format
+from ftkit.data.messages import first_problem
 from ftkit.errors import FtkitError
 from ftkit.files import check_arg_text
 from ftkit.inference.metrics import score
+from ftkit.inference.options import GenerationOptions
 
 MARK = "ftkit_predict"
 MARK_PREFIX = '{"ftkit_predict": 1'  # how json.dumps writes the first key of every record
-READERS = {"messages": from_messages, "sharegpt": from_sharegpt, "alpaca": from_alpaca,
-           "prompt_completion": from_prompt_completion}
 
 
 @dataclass
 class Example:
     row: int  # 1-based row number in the input file
     prompt: list[dict]
-    reference: str | None
+    answer: dict | None  # the row's own last assistant turn, if it has one: the reference
+    tools: list | None = None
+    kwargs: dict | None = None  # the row's chat_template_kwargs
 
 
 def input_format(columns: list[str]) -> str:
@@ -57,24 +59,35 @@ def input_format(columns: list[str]) -> str:
 
 
 def to_example(row: dict, fmt: str, number: int, system: str | None) -> Example:
+    """A row read as training reads it (tool calls, tool results, tools and chat_template_kwargs included), its last
+    assistant turn taken off as the reference; what is left must end with a user turn or a tool result."""
     if fmt == "prompt_completion" and row.get("completion") is None:
         row = {**row, "completion": [] if isinstance(row.get("prompt"), list) else ""}
     try:
-        messages = READERS[fmt](row)
+        messages, tools, kwargs = conversation_parts(row, fmt, system)
     except BadRow as err:
         raise FtkitError(f"row {number}: {err}") from None
-    if system and (not messages or messages[0]["role"] != "system"):
-        messages = [{"role": "system", "content": system}, *messages]
-    reference = None
+    answer = None
     if messages and messages[-1]["role"] == "assistant":
         last = messages.pop()
-        reference = last["content"] if isinstance(last["content"], str) and last["content"].strip() else None
-    if not messages or messages[-1]["role"] != "user" or not str(messages[-1]["content"]).strip():
-        raise FtkitError(f"row {number}: the conversation does not end with a user turn to answer")
-    for m in messages:
-        if m["role"] not in ("system", "user", "assistant") or not isinstance(m["content"], str):
-            raise FtkitError(f"row {number}: each turn needs a role (system, user, assistant) and text content")
-    return Example(number, messages, reference)
+        answer = last if last["content"].strip() or last.get("tool_calls") else None
+    if not messages or messages[-1]["role"] not in ("user", "tool") or not messages[-1]["content"].strip():
+        raise FtkitError(f"row {number}: the conversation does not end with a user turn (or a tool result) to answer")
+    problem = first_problem(messages + [{"role": "assistant", "content": "answer"}])
+    if problem:
+        raise FtkitError(f"row {number}: {problem}")
+    return Example(number, messages, answer, tools, kwargs)
+
+
+def reference(chat_format, example: Example) -> str | None:
+    """What the model was trained to write for the row's own answer: with a tool call or reasoning, the template's
+    rendering of it (so an exact match means the same call), else its text."""
+    if example.answer is None:
+        return None
+    try:
+        return chat_format.answer(example.prompt + [example.answer], example.tools, example.kwargs).strip()
+    except FtkitError:
+        return example.answer["content"]
 
 
 def check_input(path: Path) -> None:
@@ -149,10 +162,12 @@ def prediction(line: bytes) -> dict | None:
 
 def run_predict(adapter: Path | None, model_dir: Path | None, base: str | None, input_path: Path, output: Path,
                 options: GenerationOptions, batch_size: int = 8, system: str | None = None,
-                dtype: str | None = None, worst: int = 3, trust_remote_code: bool = False, log=print) -> dict:
-    from ftkit.inference.loading import default_system
+                dtype: str | None = None, worst: int = 3, trust_remote_code: bool = False, log=print,
+                template_kwargs: str | None = None) -> dict:
+    from ftkit.inference.loading import default_system, parse_template_kwargs
 
     options.check()
+    kwargs = parse_template_kwargs(template_kwargs)
     if batch_size < 1:
         raise FtkitError("--batch-size must be at least 1")
     if (adapter is None) == (model_dir is None):
@@ -169,7 +184,8 @@ def run_predict(adapter: Path | None, model_dir: Path | None, base: str | None, 
     if done:
         log(f"{output}: {len(done)} of {len(examples)} rows already done; answering the other {len(pending)}")
     if pending:
-        answer_rows(adapter, model_dir, base, dtype, trust_remote_code, pending, output, options, batch_size, done)
+        answer_rows(adapter, model_dir, base, dtype, trust_remote_code, pending, output, options, batch_size, done,
+                    kwargs)
     log(f"wrote {output} ({len(done)} rows)")
     records = [done[e.row] for e in examples if e.row in done]
     metrics = score([r for r in records if r.get("reference") is not None])
@@ -179,24 +195,29 @@ def run_predict(adapter: Path | None, model_dir: Path | None, base: str | None, 
 
 
 def answer_rows(adapter, model_dir, base, dtype, trust_remote_code, pending: list[Example], output: Path,
-                options: GenerationOptions, batch_size: int, done: dict) -> None:
+                options: GenerationOptions, batch_size: int, done: dict, template_kwargs: dict | None = None) -> None:
     """Generate batch by batch, appending each batch's lines and syncing them to disk before the next."""
     from tqdm.auto import tqdm
 
     from ftkit.inference.generate import generate_batch
     from ftkit.inference.loading import load_for_chat, quiet_loading
+    from ftkit.inference.replies import parse_reply
 
     quiet_loading()
-    model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype, trust_remote_code)
+    model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype, trust_remote_code, template_kwargs)
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("a", encoding="utf-8") as sink, tqdm(total=len(pending), desc="predict", unit="row",
                                                           file=sys.stderr, disable=None) as bar:
         for start in range(0, len(pending), batch_size):
             batch = pending[start:start + batch_size]
-            outputs = generate_batch(model, chat_format, [e.prompt for e in batch], options)
+            outputs = generate_batch(model, chat_format, [e.prompt for e in batch], options,
+                                     [e.tools for e in batch], [e.kwargs for e in batch])
             for example, text in zip(batch, outputs):
                 record = {MARK: 1, "row": example.row, "prompt": example.prompt, "output": text,
-                          "reference": example.reference}
+                          "reference": reference(chat_format, example)}
+                calls = parse_reply(text, chat_format.features.tool_call_style).tool_calls if example.tools else []
+                if calls:
+                    record["tool_calls"] = calls
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                 done[example.row] = record
             sink.flush()

@@ -39,8 +39,29 @@ def statistics(prepared) -> dict:
         "tokens": stats.tokens,
         "trained_tokens": stats.trained_tokens,
         "trained_fraction": round(stats.trained_tokens / max(stats.tokens, 1), 4),
+        "eval_tokens": stats.eval_tokens,
+        "eval_trained_tokens": stats.eval_trained_tokens,
+        "conversations": stats.conversations,
+        "split_conversations": stats.split_conversations,
+        "unrendered_turns": stats.unrendered_turns,
         "seed": stats.seed,
     }
+
+
+def training_layout(stats: dict) -> str:
+    """How the conversations become samples: whole, or one sample per assistant turn where the template rewrites
+    earlier turns once later messages follow."""
+    split, total, lost = stats["split_conversations"], stats["conversations"], stats["unrendered_turns"]
+    line = (f"{total - split:,} training rows trained as one sample each; {split:,} as one sample per assistant "
+            "turn, because the chat template renders earlier assistant turns differently once later messages follow "
+            "(as Qwen3's drops their <think> block): each turn is trained as it is rendered when it is generated "
+            "(a template that keeps earlier turns, such as TRL's qwen3_training.jinja, trains them as one sample)"
+            ) if split else f"{total:,} training rows, each trained as one sample"
+    if lost:
+        line += (f"; note: in {lost:,} assistant turns the chat template leaves out text or reasoning the data has "
+                 "(e.g. Llama-3.1's renders only the call of a turn with text beside a tool call): they are trained "
+                 "as the template renders them")
+    return line
 
 
 def token_pieces(tokenizer, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
@@ -88,7 +109,8 @@ def run_preview(recipe: Recipe, samples: int, as_json: bool, use_cache: bool = T
     from ftkit.train.model import load_tokenizer
 
     datasets.disable_progress_bars()
-    tokenizer, chat_format, _ = load_tokenizer(recipe.model, recipe.data.chat_template, note)
+    tokenizer, chat_format, _ = load_tokenizer(recipe.model, recipe.data.chat_template, note,
+                                               recipe.data.chat_template_kwargs)
     prepared = build_datasets(recipe, chat_format, use_cache, note)
     stats = statistics(prepared)
     if as_json:
@@ -114,8 +136,11 @@ def print_report(stats: dict, prepared, tokenizer, chat_format, samples: int) ->
                   f"token length: {lengths}")
     console.print(f"truncated {stats['truncated']}, dropped (too long) {stats['dropped_overlong']}, dropped (no loss) "
                   f"{stats['dropped_no_loss']}, skipped (bad rows) {stats['skipped_bad_rows']}")
-    console.print(f"{stats['trained_tokens']:,} of {stats['tokens']:,} tokens carry loss "
-                  f"({100 * stats['trained_fraction']:.1f}%); end-of-turn token: {chat_format.end_of_turn!r}")
+    console.print(f"{stats['trained_tokens']:,} of {stats['tokens']:,} training tokens carry loss "
+                  f"({100 * stats['trained_fraction']:.1f}%); end-of-turn token: {chat_format.end_of_turn!r}"
+                  + (f"; eval split: {stats['eval_trained_tokens']:,} of {stats['eval_tokens']:,}"
+                     if stats["eval_tokens"] else ""))
+    console.print(escape(training_layout(stats)))
     for i in range(min(samples, len(prepared.train))):
         row = prepared.train[i]
         console.rule(f"sample {i + 1} ([bold green]green[/] carries loss, grey is masked)")

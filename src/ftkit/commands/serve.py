@@ -2,7 +2,10 @@
 `transformers serve` and vLLM's server, so connections, SSE framing and request validation are the libraries'.
 
 Endpoints: POST /v1/chat/completions and /v1/completions (stream or not), GET /v1/models, GET /health.
-Prompts use the run's chat template and stop at its end-of-turn token, as in `ftkit chat`. The model
+Prompts use the run's chat template (and the chat_template_kwargs it was trained with) and stop at its end-of-turn
+token, as in `ftkit chat`; a chat request's messages are read as training data is (data/messages.py). With `tools`
+in the request, tool calls the model writes in its template's syntax come back as `tool_calls` (a stream then sends
+each answer whole, in one chunk); a leading <think> block comes back as `reasoning_content`. The model
 generates in one worker thread, one request at a time; up to --queue-size more wait, and beyond that a
 request is answered 503 at once. Requests that cannot be served (bad numbers, a prompt longer than the
 context) are answered 400 before they queue. This module is HTTP only: generation is ftkit.inference.generate.
@@ -173,13 +176,28 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
+    """The request read as training data is read (messages, tools, chat_template_kwargs), then the run's prompt."""
     from jinja2 import TemplateError
 
+    from ftkit.data.formats import template_kwargs_problem
+    from ftkit.data.messages import BadRow, normalise_tools
     from ftkit.inference.generate import prompt_ids
 
-    messages = [m.for_template() for m in body.messages]
     try:
-        return prompt_ids(engine.chat_format, messages, body.tools)
+        messages = [m.for_template(number) for number, m in enumerate(body.messages, 1)]
+    except BadRow as err:
+        raise ApiError(400, f"messages: {err}", param="messages") from None
+    try:
+        tools = normalise_tools(body.tools, "tools")
+    except BadRow as err:
+        raise ApiError(400, str(err), param="tools") from None
+    problem = body.chat_template_kwargs is not None and template_kwargs_problem(body.chat_template_kwargs)
+    if problem:
+        raise ApiError(400, f"chat_template_kwargs {problem}", param="chat_template_kwargs")
+    try:
+        return prompt_ids(engine.chat_format, messages, tools, body.chat_template_kwargs)
+    except FtkitError as err:
+        raise ApiError(400, str(err), param="messages") from None
     except (TemplateError, TypeError, ValueError, KeyError) as err:
         raise ApiError(400, f"the chat template cannot render these messages: {err}", param="messages") from None
 
@@ -200,8 +218,10 @@ def generate_all(engine: Engine, prompts, options, body: Sampling, cancelled, on
 async def respond(engine: Engine, body: Sampling, prompts: list[list[int]], param: str, chat: bool):
     options = [engine.options(body, len(ids), param) for ids in prompts]  # 400s before the queue
     cancelled = threading.Event()
+    # With tools, calls in the template's syntax come back as tool_calls (a stream then sends each answer whole).
+    style = engine.chat_format.features.tool_call_style if chat and getattr(body, "tools", None) else None
     if body.stream:
-        return stream(engine, body, prompts, options, cancelled, chat)
+        return stream(engine, body, prompts, options, cancelled, chat, style)
     try:
         choices = await asyncio.wrap_future(engine.submit(
             partial(generate_all, engine, prompts, options, body, cancelled), cancelled))
@@ -211,10 +231,13 @@ async def respond(engine: Engine, body: Sampling, prompts: list[list[int]], para
     if cancelled.is_set():
         raise ApiError(503, "the server is stopping", kind="server_error", code="server_busy")
     used = schema.usage(sum(map(len, prompts)), choices)
-    return (schema.chat_response if chat else schema.completion_response)(engine.name, choices, used)
+    if chat:
+        return schema.chat_response(engine.name, choices, used, style)
+    return schema.completion_response(engine.name, choices, used)
 
 
-def stream(engine: Engine, body: Sampling, prompts, options, cancelled, chat: bool) -> StreamingResponse:
+def stream(engine: Engine, body: Sampling, prompts, options, cancelled, chat: bool,
+           style: str | None = None) -> StreamingResponse:
     """Server-sent events fed from the generation thread through an asyncio queue; a client that leaves
     (Starlette cancels the response) sets `cancelled`, which stops generation at the next token."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -224,7 +247,8 @@ def stream(engine: Engine, body: Sampling, prompts, options, cancelled, chat: bo
 
     def work() -> None:
         try:
-            choices = generate_all(engine, prompts, options, body, cancelled, lambda i, text: push("text", i, text))
+            on_text = None if style else (lambda i, text: push("text", i, text))
+            choices = generate_all(engine, prompts, options, body, cancelled, on_text)
             if cancelled.is_set():
                 log.info("ftkit serve: stream cancelled (client gone or server stopping) after %d generated tokens",
                          sum(choice.tokens for choice in choices))
@@ -234,11 +258,21 @@ def stream(engine: Engine, body: Sampling, prompts, options, cancelled, chat: bo
 
     engine.submit(work, cancelled)  # a full queue is a 503 before any byte of the stream
     used = partial(schema.usage, sum(map(len, prompts)))
-    return StreamingResponse(sse(engine.name, body, len(prompts) * body.n, events, cancelled, used, chat),
+    return StreamingResponse(sse(engine.name, body, len(prompts) * body.n, events, cancelled, used, chat, style),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def sse(model: str, body: Sampling, total: int, events: asyncio.Queue, cancelled, used, chat: bool):
+def whole_answer(top: dict, index: int, choice, style: str) -> dict:
+    """One chunk with an answer's content, reasoning and tool calls (OpenAI numbers streamed tool calls)."""
+    found = schema.chat_message(choice, style)
+    delta = {k: v for k, v in found["message"].items() if k != "role" and v is not None}
+    if "tool_calls" in delta:
+        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(delta["tool_calls"])]
+    return schema.chat_chunk(top, index, delta, found["finish_reason"])
+
+
+async def sse(model: str, body: Sampling, total: int, events: asyncio.Queue, cancelled, used, chat: bool,
+              style: str | None = None):
     top = schema.head("chat.completion.chunk" if chat else "text_completion", model)
 
     def chunk(index: int, text: str | None, finish: str | None = None) -> str:
@@ -260,7 +294,8 @@ async def sse(model: str, body: Sampling, total: int, events: asyncio.Queue, can
                 yield data(schema.error_body(f"{type(rest[0]).__name__}: {rest[0]}", "server_error"))
             else:
                 for index, choice in enumerate(rest[0]):
-                    yield chunk(index, None, choice.finish_reason)
+                    yield data(whole_answer(top, index, choice, style)) if style else chunk(index, None,
+                                                                                            choice.finish_reason)
                 if body.include_usage():
                     yield data({**top, "choices": [], "usage": used(rest[0])})
             break
@@ -322,17 +357,19 @@ def context_window(model) -> int | None:
 
 def run_serve(adapter: Path | None, model_dir: Path | None, base: str | None, options: GenerationOptions,
               host: str = "127.0.0.1", port: int = 8000, queue_size: int = 8, name: str | None = None,
-              dtype: str | None = None, trust_remote_code: bool = False, api_key: str | None = None) -> None:
-    from ftkit.inference.loading import load_for_chat, quiet_loading
+              dtype: str | None = None, trust_remote_code: bool = False, api_key: str | None = None,
+              template_kwargs: str | None = None) -> None:
+    from ftkit.inference.loading import load_for_chat, parse_template_kwargs, quiet_loading
 
     options.check()
+    kwargs = parse_template_kwargs(template_kwargs)
     if queue_size < 0:
         raise FtkitError("--queue-size must be 0 or more")
     if not 0 <= port <= 65535:
         raise FtkitError(f"--port must be in 0..65535 (0: any free port), got {port}")
     sock = bind(host, port)
     quiet_loading()
-    model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype, trust_remote_code)
+    model, _, chat_format = load_for_chat(adapter, model_dir, base, dtype, trust_remote_code, kwargs)
     engine = Engine(model, chat_format, name or Path(adapter or model_dir).resolve().name, options, queue_size,
                     context_window(model))
     server = make_server(create_app(engine, api_key), engine)

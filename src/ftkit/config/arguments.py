@@ -102,6 +102,12 @@ class DataArguments:
             "inline Jinja. Default: the tokenizer's own, else alpaca (needs no new tokens). Saved with the output."
         },
     )
+    chat_template_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Variables for the chat template in every rendering: training, preview, before/after "
+                  "samples, and chat/predict/serve of the run (it is recorded there), e.g. {enable_thinking: false}. "
+                  "A row's own chat_template_kwargs column adds to these."},
+    )
     system_prompt: str | None = field(default=None, metadata={"help": "System message added to samples that have none."})
     train_on: str = field(
         default="assistant",

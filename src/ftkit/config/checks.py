@@ -107,6 +107,12 @@ def check_data(recipe: Recipe) -> Problems:
     if d.streaming and recipe.sft.get("max_steps", -1) <= 0:
         problems.append(("streaming", "a streamed dataset has no known length: set max_steps"))
     problems += check_template(d.chat_template)
+    if d.chat_template_kwargs is not None:
+        from ftkit.data.formats import template_kwargs_problem
+
+        problem = template_kwargs_problem(d.chat_template_kwargs)
+        if problem:
+            problems.append(("chat_template_kwargs", problem))
     return problems
 
 

@@ -40,20 +40,24 @@ class Precision:
     compute_dtype: str  # 4-bit compute dtype
     trainable_dtype: str  # dtype of the trained weights (LoRA A/B, modules_to_save, or all weights)
     device: str  # "cuda" or "cpu"
+    note: str = ""  # what was changed from the recipe, and why
 
 
 def training_precision(model_args, sft: dict, hw: Hardware) -> Precision:
     """bf16/fp16 only where the hardware has it, with an actionable error instead of a mid-step crash.
 
-    Unset bf16/fp16 means bf16 where the GPU has it, else float32 (TRL's default is bf16 everywhere).
-    QLoRA computes in the training precision, not in `dtype`, unless bnb_4bit_compute_dtype says so."""
-    bf16, fp16 = sft.get("bf16"), sft.get("fp16")
-    if bf16 and not hw.bf16:
-        where = "this GPU" if hw.cuda else "a CPU-only machine"
-        raise FtkitError(f"bf16: true, but {where} has no bf16 training support; set bf16: false "
+    Unset bf16/fp16 means bf16 where the GPU has it, else float32 (TRL's default is bf16 everywhere). A GPU
+    recipe's bf16/fp16 on a machine without a GPU trains in float32 with a note, so the recipe runs unchanged on a
+    laptop (mixed precision on a CPU is slow, or missing, on most CPUs). QLoRA computes in the training precision,
+    not in `dtype`, unless bnb_4bit_compute_dtype says so."""
+    bf16, fp16, note = sft.get("bf16"), sft.get("fp16"), ""
+    if bf16 and hw.cuda and not hw.bf16:
+        raise FtkitError("bf16: true, but this GPU has no bf16 training support; set bf16: false "
                          "(or --set bf16=false) to train in float32")
-    if fp16 and not hw.cuda:
-        raise FtkitError("fp16: true needs a CUDA GPU; set fp16: false (or --set fp16=false) to train in float32")
+    if (bf16 or fp16) and not hw.cuda:
+        note = (f"{'bf16' if bf16 else 'fp16'}: true, but this machine has no GPU: training in float32 on the CPU "
+                "(the recipe keeps its setting for a GPU)")
+        bf16, fp16 = False, False
     if bf16 is None and not fp16:
         bf16 = hw.bf16
     mixed = "bfloat16" if bf16 else "float16" if fp16 else "float32"
@@ -65,7 +69,7 @@ def training_precision(model_args, sft: dict, hw: Hardware) -> Precision:
     compute = model_args.bnb_4bit_compute_dtype or mixed
     return Precision(bf16=bool(bf16), fp16=bool(fp16), dtype=dtype, compute_dtype=compute,
                      trainable_dtype=trainable_dtype(model_args, dtype, compute, bool(bf16), hw),
-                     device="cuda" if hw.cuda else "cpu")
+                     device="cuda" if hw.cuda else "cpu", note=note)
 
 
 def trainable_dtype(model_args, dtype: str, compute: str, bf16: bool, hw: Hardware) -> str:

@@ -1,23 +1,29 @@
 """Normalise a row of any supported format to ftkit's one internal form.
 
-The internal form is `{"messages": [{"role", "content"}, ...]}` for everything except plain `text` rows
-(continued pre-training), which stay `{"text": ...}`. Every later stage handles just these two shapes.
-Prompt/completion and Alpaca rows become a user turn and an assistant turn, so they go through the chat
-template like everything else and training matches what `ftkit chat` sends.
+The internal form is `{"messages": [...], "tools": [...] | None, "chat_template_kwargs": {...} | None}` (messages
+as data/messages.py defines them) for everything except plain `text` rows (continued pre-training), which stay
+`{"text": ...}`. Every later stage handles just these two shapes. Prompt/completion and Alpaca rows become a user
+turn and an assistant turn, so they go through the chat template like everything else and training matches what
+`ftkit chat` sends.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from ftkit.data.messages import BadRow, check_conversation, normalise_messages, normalise_tools
+
+__all__ = ["BadRow", "FORMATS", "detect_format", "to_internal", "conversation_parts"]
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "bot": "assistant", "model": "assistant"}
-VALID_ROLES = {"system", "user", "assistant"}
-
-
-class BadRow(ValueError):
-    """A row that cannot become a conversation; the message says why."""
+                  "bot": "assistant", "model": "assistant", "function_call": "assistant", "observation": "tool",
+                  "tool": "tool"}
+# apply_chat_template's own arguments and the variables ftkit sets: a template kwarg of that name would clash.
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                            "tokenize", "chat_template", "return_dict", "return_tensors", "tokenizer_kwargs",
+                            "bos_token", "eos_token")
 
 
 def detect_format(columns: list[str]) -> str:
@@ -39,51 +45,92 @@ def detect_format(columns: list[str]) -> str:
     )
 
 
-def to_internal(row: dict[str, Any], fmt: str, system_prompt: str | None) -> dict[str, Any]:
+def to_internal(row: dict[str, Any], fmt: str, system_prompt: str | None,
+                tools: list[dict] | None = None) -> dict[str, Any]:
+    """One row -> the internal form; `tools` (the source's schemas) apply where the row has none of its own."""
     if fmt == "text":
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
             raise BadRow("empty or missing 'text'")
-        return {"messages": None, "text": text}
-    messages = {
-        "messages": from_messages,
-        "sharegpt": from_sharegpt,
-        "alpaca": from_alpaca,
-        "prompt_completion": from_prompt_completion,
-    }[fmt](row)
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
+        return {"messages": None, "text": text, "tools": None, "chat_template_kwargs": None}
+    messages, row_tools, kwargs = conversation_parts(row, fmt, system_prompt)
     check_conversation(messages)
-    return {"messages": messages, "text": None}
+    return {"messages": messages, "text": None, "tools": row_tools or tools, "chat_template_kwargs": kwargs}
 
 
-def from_messages(row: dict) -> list[dict]:
-    messages = row.get("messages")
-    if not isinstance(messages, list):
-        raise BadRow("'messages' is not a list of {role, content}")
-    out = []
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise BadRow("each message needs 'role' and 'content'")
-        out.append({"role": str(m["role"]), "content": m["content"] if m["content"] is not None else ""})
-    return out
+def conversation_parts(row: dict, fmt: str, system_prompt: str | None) -> tuple[list[dict], list | None, dict | None]:
+    """(messages, the row's tools, the row's chat_template_kwargs), not yet checked as a whole conversation."""
+    messages = normalise_messages(READERS[fmt](row))
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    tools = normalise_tools(row.get("tools"))
+    if tools is None and row.get("functions"):  # OpenAI's legacy function-calling column
+        tools = normalise_tools(row["functions"], "'functions'")
+    return messages, tools, template_kwargs(row.get("chat_template_kwargs"), "'chat_template_kwargs'")
+
+
+def template_kwargs(raw: Any, where: str) -> dict | None:
+    """A row's chat_template_kwargs: a mapping (or that mapping as JSON text), e.g. {"enable_thinking": false}. A
+    null value is left out: in a hub dataset it is Arrow's filler for a key other rows have (smoltalk2)."""
+    if raw is None or raw == "" or raw == {}:
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise BadRow(f"{where} is not valid JSON") from None
+    problem = template_kwargs_problem(raw)
+    if problem:
+        raise BadRow(f"{where} {problem}")
+    return {k: v for k, v in raw.items() if v is not None} or None
+
+
+def template_kwargs_problem(kwargs: Any) -> str | None:
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        return "must be a mapping of template variables, e.g. {enable_thinking: false}"
+    clash = [k for k in kwargs if k in RESERVED_TEMPLATE_KWARGS]
+    if clash:
+        return f"may not set {', '.join(clash)}: ftkit passes {'it' if len(clash) == 1 else 'them'} to the template itself"
+    return None
+
+
+def from_messages(row: dict) -> list:
+    return row.get("messages")
 
 
 def from_sharegpt(row: dict) -> list[dict]:
+    """ShareGPT turns, with LLaMA-Factory's function calling: a `function_call` turn holds {name, arguments} (or a
+    list of them) as JSON, an `observation` turn the tool's result."""
     turns = row.get("conversations")
     if not isinstance(turns, list):
         raise BadRow("'conversations' is not a list of {from, value}")
     out = []
-    for t in turns:
+    for number, t in enumerate(turns, 1):
         if not isinstance(t, dict):
             raise BadRow("each ShareGPT turn is a {from, value} mapping")
         speaker = t.get("from", t.get("role"))
         if speaker not in SHAREGPT_ROLES:
             raise BadRow(f"unknown ShareGPT speaker {speaker!r}; expected one of {sorted(SHAREGPT_ROLES)}")
-        out.append({"role": SHAREGPT_ROLES[speaker], "content": t.get("value", t.get("content")) or ""})
+        value = t.get("value", t.get("content"))
+        if speaker == "function_call":
+            out.append({"role": "assistant", "content": "", "tool_calls": sharegpt_calls(value, number)})
+        else:
+            out.append({"role": SHAREGPT_ROLES[speaker], "content": value or ""})
     if row.get("system") and (not out or out[0]["role"] != "system"):
         out.insert(0, {"role": "system", "content": row["system"]})
     return out
+
+
+def sharegpt_calls(value: Any, number: int) -> list[dict]:
+    try:
+        calls = json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        calls = None
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not calls or not all(isinstance(c, dict) for c in calls):
+        raise BadRow(f"turn {number}: a function_call turn's value must be JSON {{\"name\": ..., \"arguments\": "
+                     "{...}} (or a list of them)")
+    return [{"type": "function", "function": c} for c in calls]
 
 
 def from_alpaca(row: dict) -> list[dict]:
@@ -97,34 +144,14 @@ def from_alpaca(row: dict) -> list[dict]:
     return out + [{"role": "user", "content": prompt}, {"role": "assistant", "content": row.get("output") or ""}]
 
 
-def from_prompt_completion(row: dict) -> list[dict]:
+def from_prompt_completion(row: dict) -> list:
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt/completion
-        return from_messages({"messages": prompt + completion})
+        return prompt + completion
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise BadRow("'prompt' and 'completion' must both be strings or both be message lists")
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
 
 
-def check_conversation(messages: list[dict]) -> None:
-    """Roles known, a system turn only first, a user turn first after it, user and assistant alternating, no empty
-    assistant turn."""
-    if not any(m["role"] == "assistant" for m in messages):
-        raise BadRow("no assistant turn: nothing to learn from")
-    previous = None
-    for i, m in enumerate(messages):
-        role = m["role"]
-        if role not in VALID_ROLES:
-            raise BadRow(f"turn {i + 1}: unknown role {role!r} (expected system, user, assistant)")
-        if not isinstance(m["content"], str):
-            raise BadRow(f"turn {i + 1}: content must be text")
-        if role == "system" and i != 0:
-            raise BadRow(f"turn {i + 1}: a system turn may only come first")
-        if role == "assistant" and previous in (None, "system"):
-            raise BadRow(f"turn {i + 1}: the conversation starts with an assistant turn; an answer needs a user turn "
-                         "before it")
-        if role == "assistant" and not m["content"].strip():
-            raise BadRow(f"turn {i + 1}: empty assistant turn")
-        if role != "system" and role == previous:
-            raise BadRow(f"turn {i + 1}: two {role} turns in a row")
-        previous = role
+READERS = {"messages": from_messages, "sharegpt": from_sharegpt, "alpaca": from_alpaca,
+           "prompt_completion": from_prompt_completion}

@@ -188,7 +188,7 @@ def normalise(source_rows: list[dict], spec: SourceSpec, system_prompt: str | No
     rows, system = [], spec.system_prompt or system_prompt
     for number, row in enumerate(source_rows, 1):
         try:
-            rows.append(to_internal(row, fmt, system))
+            rows.append({**to_internal(row, fmt, system, spec.tools), "where": f"source '{spec.path}', row {number}"})
         except BadRow as err:
             if on_bad_rows == "error":
                 raise FtkitError(f"source '{spec.path}', row {number}: {err} (set on_bad_rows: skip to skip such rows)") from None

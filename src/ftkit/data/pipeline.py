@@ -18,7 +18,9 @@ from ftkit import __version__
 from ftkit.data.chat_format import ChatFormat
 from ftkit.data.loading import MixStats, load_mixture, local_files
 from ftkit.data.sources import data_seed, mixture_option, sources_from_recipe
-from ftkit.data.tokenize import DataStats, Prepared, encode_batch
+from ftkit.data.tokenize import DataStats, Prepared, encode_batch, stored
+
+LAYOUT = 2  # how rows become samples and what the cache holds; a change makes older cache entries unused
 
 
 def cache_root() -> Path:
@@ -49,10 +51,12 @@ def cache_key(recipe, chat_format: ChatFormat, seed: int) -> str:
         sources.append({**asdict(spec), "content": content})
     d = recipe.data
     parts: dict[str, Any] = {
-        "ftkit": __version__, "sources": sources, "system_prompt": d.system_prompt, "train_on": d.train_on,
+        "ftkit": __version__, "layout": LAYOUT, "sources": sources, "system_prompt": d.system_prompt,
+        "train_on": d.train_on,
         "on_bad_rows": d.on_bad_rows, "overlong": d.overlong, "test_split_size": test_split_size(recipe),
         "auto_insert_empty_system_msg": d.auto_insert_empty_system_msg, "seed": seed,
-        "template": chat_format.template, "tokenizer": tokenizer_digest(chat_format.tokenizer),
+        "template": chat_format.template, "chat_template_kwargs": chat_format.template_kwargs,
+        "tokenizer": tokenizer_digest(chat_format.tokenizer),
         "max_length": recipe.sft_value("max_length"),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -62,7 +66,8 @@ def test_split_size(recipe) -> float | None:
     return recipe.data.test_split_size or mixture_option(recipe.data, "test_split_size")
 
 
-def tokenize_rows(rows: list[dict], chat_format: ChatFormat, recipe, stats: DataStats):
+def tokenize_rows(rows: list[dict], chat_format: ChatFormat, recipe, stats: DataStats, part: str = "train"):
+    """Rows -> a dataset of input_ids/labels; `part` ("train" or "eval") says which token counts they add to."""
     import datasets
 
     if not rows:
@@ -70,7 +75,7 @@ def tokenize_rows(rows: list[dict], chat_format: ChatFormat, recipe, stats: Data
     for row in rows:
         if recipe.data.auto_insert_empty_system_msg and row["messages"] and row["messages"][0]["role"] != "system":
             row["messages"].insert(0, {"role": "system", "content": ""})
-    raw = datasets.Dataset.from_list(rows)
+    raw = datasets.Dataset.from_list([stored(row) for row in rows])
     encoded = raw.map(
         encode_batch,
         batched=True,
@@ -87,12 +92,18 @@ def tokenize_rows(rows: list[dict], chat_format: ChatFormat, recipe, stats: Data
     stats.dropped_overlong += sum(1 for t, k in zip(truncated, keep) if t and not k and recipe.data.overlong == "drop")
     stats.dropped_no_loss += sum(1 for t, k in zip(truncated, keep) if not k and not (t and recipe.data.overlong == "drop"))
     kept = encoded.filter(lambda k: k, input_columns="keep", batched=False)
-    stats.trained_tokens += sum(kept["n_trained"])
     all_ids = kept["input_ids"]
-    stats.tokens += sum(len(ids) for ids in all_ids)
+    tokens, trained = sum(len(ids) for ids in all_ids), sum(kept["n_trained"])
+    if part == "train":
+        stats.tokens, stats.trained_tokens = stats.tokens + tokens, stats.trained_tokens + trained
+        stats.conversations += len(rows)
+        stats.split_conversations += sum(encoded["split"])
+        stats.unrendered_turns += sum(encoded["unrendered"])
+    else:
+        stats.eval_tokens, stats.eval_trained_tokens = stats.eval_tokens + tokens, stats.eval_trained_tokens + trained
     top = max((max(ids) for ids in all_ids if ids), default=-1)
     stats.max_token_id = max(top, stats.max_token_id if stats.max_token_id is not None else -1)
-    return kept.remove_columns(["truncated", "keep", "n_trained"])
+    return kept.remove_columns(["truncated", "keep", "n_trained", "split", "unrendered"])
 
 
 def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=print) -> Prepared:
@@ -114,7 +125,7 @@ def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=
     stats = stats_from_mix(mix)
     stats.seed = seed
     train = tokenize_rows(train_rows, chat_format, recipe, stats)
-    evaluation = tokenize_rows(eval_rows, chat_format, recipe, stats)
+    evaluation = tokenize_rows(eval_rows, chat_format, recipe, stats, "eval")
     stats.train_rows, stats.eval_rows = len(train), len(evaluation) if evaluation is not None else 0
     stats.cache = key
     if stats.train_rows == 0:
@@ -122,7 +133,8 @@ def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=
 
         raise FtkitError("no training samples left after tokenising: every sample was dropped (see max_length, overlong)")
     log(f"tokenised {len(train_rows) + len(eval_rows):,} conversations (cache {key})")
-    conversations = [row["messages"] for row in eval_rows if row["messages"]]
+    conversations = [{k: row[k] for k in ("messages", "tools", "chat_template_kwargs")} for row in eval_rows
+                     if row["messages"]]
     if use_cache:
         save_cache(folder, train, evaluation, stats, conversations)
     return Prepared(train, evaluation, stats, conversations)

@@ -6,6 +6,7 @@ Pure Python: `ftkit validate` uses it to check that local sources exist without 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ftkit.config.arguments import DataArguments
@@ -20,7 +21,8 @@ class SourcesError(ValueError):
 
 
 MIXTURE_OPTIONS = {"datasets", "seed", "test_split_size"}
-ENTRY_FIELDS = {"id", "path", "config", "revision", "split", "splits", "columns", "weight", "system_prompt", "format"}
+ENTRY_FIELDS = {"id", "path", "config", "revision", "split", "splits", "columns", "weight", "system_prompt", "format",
+                "tools"}
 
 
 @dataclass
@@ -33,6 +35,7 @@ class SourceSpec:
     system_prompt: str | None = None
     revision: str | None = None  # hub dataset branch, tag or commit (part of the token cache key)
     format: str | None = None  # override the detected format: messages, sharegpt, alpaca, prompt_completion, text
+    tools: list | None = None  # function schemas for rows without their own `tools` (read from the file if a path)
     key: str = "dataset_mixer"  # the recipe key it came from, for error messages
 
 
@@ -95,7 +98,26 @@ def mixture_entry(entry: Any, index: int) -> SourceSpec:
                            f"got {columns!r}")
     return SourceSpec(path=entry.get("id") or entry["path"], weight=float(weight), config=entry.get("config"),
                       splits=list(splits), columns=columns, system_prompt=entry.get("system_prompt"),
-                      format=entry.get("format"), revision=entry.get("revision"), key="dataset_mixture")
+                      format=entry.get("format"), revision=entry.get("revision"), key="dataset_mixture",
+                      tools=source_tools(entry.get("tools"), where))
+
+
+def source_tools(raw: Any, where: str) -> list | None:
+    """A source's `tools`: function schemas inline, or the path of a JSON file holding them (its content is read
+    here, so the token cache key covers it)."""
+    from ftkit.data.messages import BadRow, normalise_tools
+
+    if isinstance(raw, str) and not raw.lstrip().startswith(("[", "{")):
+        path = Path(raw).expanduser()
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            problem = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else err.strerror or err
+            raise SourcesError(f"{where}: 'tools' file '{raw}' cannot be read ({problem})") from None
+    try:
+        return normalise_tools(raw, f"{where}: 'tools'")
+    except BadRow as err:
+        raise SourcesError(str(err)) from None
 
 
 def mixture_option(data: DataArguments, name: str) -> Any:

@@ -10,7 +10,7 @@ from ftkit.data.chat_format import ChatFormat
 from ftkit.data.formats import BadRow, detect_format, to_internal
 from ftkit.data.loading import BUILDERS, check_not_empty, is_eval_split, local_files
 from ftkit.data.sources import SourceSpec, data_seed, sources_from_recipe
-from ftkit.data.tokenize import DataStats, Prepared, encode_batch
+from ftkit.data.tokenize import DataStats, Prepared, encode_batch, stored
 from ftkit.errors import FtkitError
 
 SHUFFLE_BUFFER = 10_000
@@ -41,11 +41,12 @@ def normalised(stream, spec: SourceSpec, system_prompt: str | None, on_bad_rows:
 
     def convert(row: dict) -> dict:
         try:
-            return {**to_internal(row, fmt, spec.system_prompt or system_prompt), "bad": False}
+            internal = to_internal(row, fmt, spec.system_prompt or system_prompt, spec.tools)
+            return {**stored({**internal, "where": f"source '{spec.path}'"}), "bad": False}
         except BadRow as err:
             if on_bad_rows == "error":
                 raise FtkitError(f"source '{spec.path}': {err} (set on_bad_rows: skip to skip such rows)") from None
-            return {"messages": None, "text": None, "bad": True}
+            return {"row": "", "bad": True}
 
     stream = stream.map(convert, remove_columns=list(first))
     return stream.filter(lambda row: not row["bad"]).remove_columns(["bad"])
@@ -68,11 +69,11 @@ def build_streaming(recipe, chat_format: ChatFormat, log=print):
     total = sum(weights)
     mixed = streams[0] if len(streams) == 1 else datasets.interleave_datasets(
         streams, probabilities=[w / total for w in weights], seed=seed, stopping_strategy="all_exhausted")
-    tokenised = mixed.map(encode_batch, batched=True, batch_size=256, remove_columns=["messages", "text"],
+    tokenised = mixed.map(encode_batch, batched=True, batch_size=256, remove_columns=["row"],
                           fn_kwargs={"chat_format": chat_format, "train_on": d.train_on,
                                      "max_length": recipe.sft_value("max_length"), "overlong": d.overlong})
     tokenised = tokenised.filter(lambda keep: keep, input_columns="keep").remove_columns(
-        ["truncated", "keep", "n_trained"])
+        ["truncated", "keep", "n_trained", "split", "unrendered"])
     evaluation, count = None, int(d.test_split_size or 0)
     if wants_eval and count >= 1:
         evaluation, tokenised = tokenised.take(count), tokenised.skip(count)

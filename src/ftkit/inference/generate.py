@@ -33,12 +33,13 @@ def generation_kwargs(chat_format, options: GenerationOptions) -> dict:
 
 
 def generate_ids(model, chat_format, messages: list[dict], options: GenerationOptions, streamer=None,
-                 stopping_criteria=None) -> tuple[int, list[int]]:
-    """-> (prompt token count, generated token ids including the stop token if one was reached)."""
+                 stopping_criteria=None, tools: list | None = None, kwargs: dict | None = None) -> tuple[int, list[int]]:
+    """-> (prompt token count, generated token ids including the stop token if one was reached). `tools` and
+    `kwargs` (chat_template_kwargs) go to the chat template."""
     import torch
 
     tokenizer = chat_format.tokenizer
-    prompt = chat_format.prompt(messages)
+    prompt = chat_format.prompt(messages, tools, kwargs)
     inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
     if options.seed is not None:
         torch.manual_seed(options.seed)
@@ -49,17 +50,21 @@ def generate_ids(model, chat_format, messages: list[dict], options: GenerationOp
     return start, output[0, start:].tolist()
 
 
-def generate(model, chat_format, messages: list[dict], options: GenerationOptions, streamer=None) -> str:
-    _, ids = generate_ids(model, chat_format, messages, options, streamer)
+def generate(model, chat_format, messages: list[dict], options: GenerationOptions, streamer=None,
+             tools: list | None = None, kwargs: dict | None = None) -> str:
+    _, ids = generate_ids(model, chat_format, messages, options, streamer, tools=tools, kwargs=kwargs)
     return chat_format.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def generate_batch(model, chat_format, conversations: list[list[dict]], options: GenerationOptions) -> list[str]:
-    """Answers for many conversations in one left-padded batch; same prompts and stops as generate()."""
+def generate_batch(model, chat_format, conversations: list[list[dict]], options: GenerationOptions,
+                   tools: list | None = None, kwargs: list | None = None) -> list[str]:
+    """Answers for many conversations in one left-padded batch; same prompts and stops as generate(). `tools` and
+    `kwargs`: one entry (or None) per conversation."""
     import torch
 
     tokenizer = chat_format.tokenizer
-    prompts = [chat_format.prompt(messages) for messages in conversations]
+    tools, kwargs = tools or [None] * len(conversations), kwargs or [None] * len(conversations)
+    prompts = [chat_format.prompt(m, t, k) for m, t, k in zip(conversations, tools, kwargs)]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     try:
@@ -109,9 +114,10 @@ class Choice:
     finish_reason: str  # "stop": end of turn, eos or a stop string; "length": max_new_tokens reached
 
 
-def prompt_ids(chat_format, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-    """The token ids generate_ids would feed the model for `messages` (`tools` go to the chat template)."""
-    return chat_format.tokenizer(chat_format.prompt(messages, tools=tools), add_special_tokens=False)["input_ids"]
+def prompt_ids(chat_format, messages: list[dict], tools: list[dict] | None = None,
+               kwargs: dict | None = None) -> list[int]:
+    """The token ids generate_ids would feed the model for `messages` (`tools`, `kwargs` go to the chat template)."""
+    return chat_format.tokenizer(chat_format.prompt(messages, tools, kwargs), add_special_tokens=False)["input_ids"]
 
 
 def first_stop(text: str, stops) -> int | None:

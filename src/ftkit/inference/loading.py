@@ -55,8 +55,9 @@ def open_tokenizer(source: Path):
 
 
 def load_for_chat(adapter: Path | None, model_dir: Path | None, base: str | None, dtype: str | None,
-                  trust_remote_code: bool = False):
-    """-> (model, tokenizer, ChatFormat) of a finished run, a checkpoint of one, or a model directory."""
+                  trust_remote_code: bool = False, template_kwargs: dict | None = None):
+    """-> (model, tokenizer, ChatFormat) of a finished run, a checkpoint of one, or a model directory. The chat
+    template renders with the chat_template_kwargs the run was trained with, `template_kwargs` added over them."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -84,7 +85,42 @@ def load_for_chat(adapter: Path | None, model_dir: Path | None, base: str | None
     if hardware.cuda and quant is None:
         model = model.to("cuda")
     model.eval()
-    return model, tokenizer, ChatFormat(tokenizer, tokenizer.chat_template)
+    kwargs = {**(meta.get("chat_template_kwargs") or {}), **(template_kwargs or {})}
+    return model, tokenizer, ChatFormat(tokenizer, tokenizer.chat_template, kwargs, f"the chat template of {source}")
+
+
+def read_tools(path: Path | None) -> list[dict] | None:
+    """--tools FILE: a JSON list of function schemas (OpenAI's {type: function, function: {...}} or bare)."""
+    from ftkit.data.messages import BadRow, normalise_tools
+    from ftkit.files import read_text
+
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FtkitError(f"--tools {path}: no such file")
+    try:
+        tools = normalise_tools(read_text(Path(path), "JSON list of function schemas"), f"--tools {path}")
+    except BadRow as err:
+        raise FtkitError(str(err)) from None
+    if not tools:
+        raise FtkitError(f"--tools {path}: holds no function schemas; expected a JSON list of them")
+    return tools
+
+
+def parse_template_kwargs(text: str | None) -> dict | None:
+    """--chat-template-kwargs '{"enable_thinking": false}'."""
+    from ftkit.data.formats import template_kwargs_problem
+
+    if text is None:
+        return None
+    try:
+        kwargs = json.loads(text)
+    except ValueError:
+        raise FtkitError(f"--chat-template-kwargs {text!r}: not JSON; e.g. '{{\"enable_thinking\": false}}'") from None
+    problem = template_kwargs_problem(kwargs)
+    if problem:
+        raise FtkitError(f"--chat-template-kwargs {problem}")
+    return kwargs
 
 
 def load_adapter_model(adapter: Path, base: str | None, meta: dict, tokenizer, torch_dtype, quant=None,

@@ -103,6 +103,7 @@ def run_metadata(recipe, chat_format, model, precision) -> dict:
         "end_of_turn": chat_format.end_of_turn,
         "trust_remote_code": recipe.model.trust_remote_code,  # chat & co. still need --trust-remote-code
         "system_prompt": recipe.data.system_prompt,  # chat/predict default to it: inference matches training
+        "chat_template_kwargs": chat_format.template_kwargs or None,  # every later rendering uses them
     }
 
 

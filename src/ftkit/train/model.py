@@ -14,8 +14,9 @@ from ftkit.hub import load_failure
 PAD_CANDIDATE = "<|pad|>"
 
 
-def load_tokenizer(model_args: ModelArguments, template_spec: str | None, log=print):
-    """-> (tokenizer, ChatFormat). Adds tokens the template needs and a pad token distinct from eos."""
+def load_tokenizer(model_args: ModelArguments, template_spec: str | None, log=print,
+                   template_kwargs: dict | None = None):
+    """-> (tokenizer, ChatFormat, added tokens). Adds tokens the template needs and a pad token distinct from eos."""
     from transformers import AutoTokenizer
 
     name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
@@ -27,24 +28,44 @@ def load_tokenizer(model_args: ModelArguments, template_spec: str | None, log=pr
     template = resolve_template(template_spec) or tokenizer.chat_template
     if not template:
         template = BUILTIN_TEMPLATES["alpaca"]
+        template_spec = "alpaca"
         log("note: the tokenizer has no chat template; using the built-in 'alpaca' template (answers end with eos)")
     if isinstance(template, dict):  # some tokenizers ship several named templates
         template = template.get("default") or next(iter(template.values()))
     tokenizer.chat_template = template
-    chat_format = ChatFormat(tokenizer, template)
-    missing = chat_format.missing_tokens()
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-        log(f"note: added {len(missing)} token(s) the chat template needs: {' '.join(missing)}; their embeddings "
-            "are initialised to the mean and trained")
-        chat_format = ChatFormat(tokenizer, template)
+    label = template_label(template_spec, name)
+    chat_format = ChatFormat(tokenizer, template, template_kwargs, label)
+    special, plain = chat_format.missing_tokens()
+    if special or plain:
+        from tokenizers import AddedToken
+
+        if special:
+            tokenizer.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
+        if plain:  # words the model writes in its answers (<think>, <tool_call>): decoding must keep them
+            tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
+        log(f"note: added {len(special) + len(plain)} token(s) the chat template needs: {' '.join(special + plain)}; "
+            "their embeddings are initialised to the mean and trained")
+        chat_format = ChatFormat(tokenizer, template, template_kwargs, label)
     ensure_pad_token(tokenizer, chat_format, log)
-    return tokenizer, chat_format, missing
+    return tokenizer, chat_format, special + plain
+
+
+def template_label(spec: str | None, tokenizer_name: str) -> str:
+    """How errors name the template: the built-in's or file's name, or whose it is."""
+    from pathlib import Path
+
+    if not spec:
+        return f"the chat template of '{tokenizer_name}'"
+    if spec in BUILTIN_TEMPLATES:
+        return f"the built-in chat template '{spec}'"
+    if "{" in spec:
+        return "the recipe's inline chat_template"
+    return f"the chat template '{Path(spec).name}'"
 
 
 def ensure_pad_token(tokenizer, chat_format: ChatFormat, log=print) -> None:
-    """A pad token that is neither eos nor the end-of-turn token, so those never look like padding."""
-    reserved = {tokenizer.eos_token, chat_format.end_of_turn}
+    """A pad token that is no stop token (eos, end of turn, end of a tool call), so those never look like padding."""
+    reserved = set(chat_format.stop_strings())
     if tokenizer.pad_token is not None and tokenizer.pad_token not in reserved:
         return
     if tokenizer.unk_token is not None and tokenizer.unk_token not in reserved:

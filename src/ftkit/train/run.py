@@ -44,10 +44,13 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print, recipe_path:
 
     precision = training_precision(recipe.model, recipe.sft, detect_hardware(bool(recipe.sft.get("use_cpu"))))
     check_for_device(recipe, precision.device)
+    if precision.note:
+        log(f"note: {precision.note}")
     # cpu=True on CPU: otherwise accelerate sees a single process there and main_process_first() waits for nobody
     state = PartialState(cpu=precision.device == "cpu")
     torch.manual_seed(recipe.sft_value("seed"))
-    tokenizer, chat_format, added = load_tokenizer(recipe.model, recipe.data.chat_template, log)
+    tokenizer, chat_format, added = load_tokenizer(recipe.model, recipe.data.chat_template, log,
+                                                   recipe.data.chat_template_kwargs)
     with state.main_process_first():
         data = build_datasets(recipe, chat_format, use_cache, log)
     model = prepare_model(recipe, precision, tokenizer, bool(added), data, state.local_process_index, log)
@@ -105,6 +108,12 @@ def data_summary(stats) -> str:
     share = 100 * stats.trained_tokens / max(stats.tokens, 1)
     parts = [f"data: {stats.train_rows:,} train / {stats.eval_rows:,} eval samples",
              f"{stats.trained_tokens:,} of {stats.tokens:,} tokens carry loss ({share:.0f}%)"]
+    if stats.split_conversations:
+        parts.append(f"{stats.split_conversations} conversations trained as one sample per assistant turn (the chat "
+                     "template rewrites earlier turns; see ftkit preview)")
+    if stats.unrendered_turns:
+        parts.append(f"{stats.unrendered_turns} assistant turns lose text the chat template does not render (see "
+                     "ftkit preview)")
     if stats.test_split_carved:
         parts.append(f"eval split of {stats.test_split_carved} carved from train")
     counts = {"truncated": stats.truncated, "dropped (too long)": stats.dropped_overlong,

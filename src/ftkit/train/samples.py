@@ -20,16 +20,21 @@ from ftkit.rundir import write_atomic, write_json_atomic
 class Sample:
     prompt: list[dict]
     reference: str
+    tools: list | None = None
+    kwargs: dict | None = None  # the row's chat_template_kwargs
     before: str = ""
     after: str = ""
 
 
-def pick_samples(conversations: list[list[dict]], count: int) -> list[Sample]:
-    """The first `count` eval conversations, cut before their last assistant turn."""
+def pick_samples(chat_format, conversations: list[dict], count: int) -> list[Sample]:
+    """The first `count` eval conversations, cut before their last assistant turn; the reference is what the model
+    is trained to write there (with a tool call or reasoning, the template's rendering of it)."""
     samples = []
-    for messages in conversations[:count]:
+    for row in conversations[:count]:
+        messages, tools, kwargs = row["messages"], row.get("tools"), row.get("chat_template_kwargs")
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        samples.append(Sample(prompt=messages[:last], reference=messages[last]["content"]))
+        reference = chat_format.answer(messages[: last + 1], tools, kwargs).strip()
+        samples.append(Sample(prompt=messages[:last], reference=reference, tools=tools, kwargs=kwargs))
     return samples
 
 
@@ -38,7 +43,8 @@ def answer_all(model, chat_format, samples: list[Sample], field: str, max_new_to
     was_training = model.training
     model.eval()
     for sample in samples:
-        setattr(sample, field, generate(model, chat_format, sample.prompt, options).strip())
+        text = generate(model, chat_format, sample.prompt, options, tools=sample.tools, kwargs=sample.kwargs)
+        setattr(sample, field, text.strip())
     model.train(was_training)
 
 
@@ -73,7 +79,7 @@ def before_training(trainer, recipe, chat_format, conversations: list, state, lo
     if state.num_processes > 1:
         log("note: eval_samples skipped: before/after generation runs only in single-process training")
         return []
-    picked = pick_samples(conversations, count)
+    picked = pick_samples(chat_format, conversations, count)
     answer_all(trainer.model, chat_format, picked, "before", recipe.run.eval_samples_max_new_tokens)
     return picked
 
