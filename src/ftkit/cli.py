@@ -111,8 +111,16 @@ def train(
                                                 "(GPUs per machine x machines); default: the config's."),
     machine_rank: Optional[int] = typer.Option(None, "--machine-rank", help="With --launcher on several machines: "
                                                "this machine's rank (0 on the main one); default: the config's."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Show only errors and the final summary "
+                               "(output_dir/train.log still records everything)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the libraries' own messages and progress "
+                                 "bars too."),
 ) -> None:
-    """Train a model as the recipe says and write the adapter (or model), tokenizer and run summary."""
+    """Train a model as the recipe says and write the adapter (or model), tokenizer, model card and run summary.
+
+    In a terminal a live display shows the phase, then step, loss, learning rate, speed, ETA and memory; otherwise
+    one plain line per logging step (step 120/400 epoch 1.5 loss 0.532 lr 2.0e-4 ... eta 1m02s). Everything
+    shown, and every library message, is also written to output_dir/train.log."""
     import os
 
     from ftkit.config.recipe import load_recipe
@@ -120,20 +128,29 @@ def train(
 
     if launcher is None and (num_processes is not None or machine_rank is not None):
         raise FtkitError("--num-processes and --machine-rank need --launcher CONFIG (e.g. accelerate_configs/ddp.yaml)")
+    if quiet and verbose:
+        raise FtkitError("--quiet and --verbose contradict each other; pass one of them")
+    level = "quiet" if quiet else "verbose" if verbose else "normal"
     sets = [*(set_ or []), *(["resume_from_checkpoint=true"] if resume else [])]
     parsed = load_recipe(recipe, sets)
     if launcher is not None:
         from ftkit.commands import launch
 
-        _print_notes(parsed.notes)
+        if not quiet:
+            _print_notes(parsed.notes)
         code = launch.launch(parsed, recipe, launcher, sets, no_cache, num_processes, machine_rank,
-                             debug=_debug_flag(), echo=lambda line: typer.echo(line, err=True))
+                             debug=_debug_flag(), echo=lambda line: typer.echo(line, err=True),
+                             display_flags=[f"--{level}"] if level != "normal" else [])
         sys.exit(code)  # accelerate's exit status, as is
-    if is_main_process() and not os.environ.get(LAUNCHED_ENV):  # the launcher printed them
-        _print_notes(parsed.notes)
+    from ftkit.train.display import RunDisplay
     from ftkit.train.run import run_training
 
-    run_training(parsed, use_cache=not no_cache, recipe_path=recipe)
+    display = RunDisplay(level)
+    for note in parsed.notes:
+        display.record(f"note: {note}")
+    if is_main_process() and not os.environ.get(LAUNCHED_ENV) and not quiet:  # the launcher printed them
+        _print_notes(parsed.notes)
+    run_training(parsed, use_cache=not no_cache, recipe_path=recipe, display=display)
 
 
 AdapterOpt = typer.Option(None, "--adapter", help="A run's output_dir or any checkpoint-N dir inside it.")

@@ -187,8 +187,9 @@ def training_warnings(log_history: list[dict], vocab_size: int) -> list[str]:
 
 
 def write_outputs(trainer, recipe, chat_format, stats, result, started: float, precision, samples: list,
-                  log=print) -> None:
-    """All artifacts, then the completion marker last: a kill before it leaves the run 'unfinished'."""
+                  log=print, report=None) -> None:
+    """All artifacts, then the completion marker last: a kill before it leaves the run 'unfinished'.
+    `report` prints the end summary (default: `log`; `--quiet` shows only that)."""
     from ftkit.train.samples import after_training
 
     out = Path(trainer.args.output_dir)
@@ -198,7 +199,8 @@ def write_outputs(trainer, recipe, chat_format, stats, result, started: float, p
     if not trainer.is_world_process_zero():
         return
     summary = write_run(trainer, recipe, chat_format, stats, result, started, precision, save_model=not sharded)
+    report = report or log
     if samples:
-        summary = after_training(trainer, recipe, chat_format, samples, summary, log)
+        summary = after_training(trainer, recipe, chat_format, samples, summary, report)
     rundir.finish(out, run_metadata(recipe, chat_format, trainer.model, precision))
-    print_summary(summary, out, log)
+    print_summary(summary, out, report)
