@@ -115,3 +115,18 @@ def test_train_without_a_terminal_prints_one_parseable_line_per_logging_step(tin
     for line in lines:
         if line.strip():
             assert f" {line}\n" in log, line
+
+
+def test_before_after_table_aligns_chinese_text_by_terminal_cells():
+    from rich.cells import cell_len
+
+    from ftkit.commands.predict import clip
+    from ftkit.train.samples import Sample, table
+
+    rows = table([Sample([], "疑是地上霜。舉頭望明月，低頭思故鄉。" * 3, "abc", "疑是地上霜。"),
+                  Sample([], "The capital of Ftkitland is Tinyville.", "佐布星有三個月亮。", "食咗喇，唔該晒！")],
+                 width=20).splitlines()
+    separators = [[cell_len(line[:i]) for i in range(len(line)) if line.startswith(" | ", i)] for line in rows]
+    assert separators == [[20, 43]] * 3, rows
+    assert rows[1].startswith("疑是地上霜。舉頭望…  |") and rows[1].endswith("| 疑是地上霜。")
+    assert cell_len(clip("佐布星有三個月亮。" * 20, 30)) <= 30 and clip("短い", 30) == "短い"

@@ -214,5 +214,7 @@ def format_metrics(metrics: dict, worst: int = 3) -> str:
 
 
 def clip(text: str, width: int = 120) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """One line of at most `width` terminal cells (a CJK character takes two)."""
+    from ftkit.cells import clip as clip_cells
+
+    return clip_cells(text, width)
