@@ -23,8 +23,18 @@ RecipeArg = typer.Argument(..., help="Path to a YAML recipe.", show_default=Fals
 SetOpt = typer.Option(None, "--set", help="Override a recipe key, e.g. --set learning_rate=2e-4 (repeatable).")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from ftkit.versions import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the versions of ftkit, torch, transformers, trl and peft.")) -> None:
     """ftkit: recipe -> data -> model -> train -> artifacts; then chat with the result."""
 
 
@@ -50,6 +60,45 @@ def validate(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt) -> No
     m = parsed.model
     mode = "full fine-tune" if not m.use_peft else ("QLoRA 4-bit" if m.load_in_4bit else "LoRA 8-bit" if m.load_in_8bit else "LoRA")
     typer.echo(f"{recipe}: ok ({m.model_name_or_path}, {mode}, output_dir {parsed.output_dir()})")
+
+
+@app.command()
+def keys(
+    pattern: Optional[str] = typer.Argument(None, help="A key (shown in full), part of one (lora), or a glob "
+                                            "(bnb_4bit_*); default: every key.", show_default=False),
+    json_: bool = typer.Option(False, "--json", help="Print the keys as JSON, for scripts."),
+) -> None:
+    """List the recipe keys: owner, type, default and help, from the tables validation uses."""
+    import shutil
+
+    from ftkit.commands.keys import run_keys
+
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    run_keys(pattern, as_json=json_, width=width, echo=typer.echo)
+
+
+@app.command()
+def init(
+    model: str = typer.Option(..., "--model", help="Base model: a local directory or a hub id."),
+    data: str = typer.Option(..., "--data", help="Training data: a local file or folder (its format is detected), "
+                             "or a hub dataset id."),
+    output: Path = typer.Option(Path("recipe.yml"), "--output", "-o", help="The recipe to write (never replaced)."),
+    gpu_memory: float = typer.Option(24, "--gpu-memory", help="GiB of the GPU you will train on: decides LoRA or "
+                                     "QLoRA from ftkit estimate's figures."),
+) -> None:
+    """Write a commented starter recipe for a model and a data file (format detected, LoRA or QLoRA chosen)."""
+    from ftkit.commands.init import run_init
+
+    run_init(model, data, output, gpu_memory, echo=typer.echo)
+
+
+@app.command()
+def doctor(json_: bool = typer.Option(False, "--json", help="Print the findings as JSON, for scripts.")) -> None:
+    """What this machine can train: Python, torch and its CUDA/ROCm build, GPUs (memory, bf16), bitsandbytes,
+    flash-attn, liger-kernel, DeepSpeed, vLLM, whether the hub answers, cache sizes, and what to install."""
+    from ftkit.commands.doctor import run_doctor
+
+    run_doctor(as_json=json_, echo=typer.echo)
 
 
 @app.command()
