@@ -289,14 +289,18 @@ def predict(
     seed: Optional[int] = SeedOpt,
     dtype: Optional[str] = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
+    json_: bool = typer.Option(False, "--json", help="Print the metrics file as JSON (other lines go to stderr)."),
 ) -> None:
-    """Answer every row of a file (greedy by default); score against the rows' answers when they have them."""
-    from ftkit.commands.predict import run_predict
+    """Answer every row of a file (greedy by default); score against the rows' answers when they have them.
+    The scores go to OUTPUT_STEM.metrics.json beside the predictions."""
+    from ftkit.commands.predict import metrics_path, run_predict
 
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
                                   greedy, seed)
     run_predict(adapter, model, base, input_, output, options, batch_size=batch_size, system=system, dtype=dtype,
-                trust_remote_code=trust_remote_code)
+                trust_remote_code=trust_remote_code, log=(lambda line: typer.echo(line, err=True)) if json_ else print)
+    if json_:
+        typer.echo(metrics_path(output).read_text(encoding="utf-8").rstrip())
 
 
 @app.command()

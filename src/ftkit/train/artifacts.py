@@ -2,8 +2,8 @@
 
 output_dir holds: the adapter (or full model) in safetensors, the tokenizer with the exact chat
 template used, generation_config.json whose eos ids stop at the end-of-turn token, ftkit_recipe.yml
-(resolved, no secrets), ftkit_run.json (what chat/predict/merge need), train_summary.json and
-loss_curve.png.
+(resolved, no secrets), ftkit_run.json (what chat/predict/merge need), train_summary.json,
+loss_curve.png, README.md (the model card, train/model_card.py) and train.log (train/display.py).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def save_weights(trainer, out: Path) -> None:
     trainer.save_model(str(tmp))
     for item in sorted(tmp.iterdir()):
         target = out / item.name
-        if item.name == "README.md" and target.exists():  # PEFT's blank card never replaces a README that is there
+        if item.name == "README.md":  # PEFT's blank template: ftkit writes the model card (train/model_card.py)
             item.unlink()
             continue
         if target.is_dir() and not target.is_symlink():
@@ -202,5 +202,16 @@ def write_outputs(trainer, recipe, chat_format, stats, result, started: float, p
     report = report or log
     if samples:
         summary = after_training(trainer, recipe, chat_format, samples, summary, report)
-    rundir.finish(out, run_metadata(recipe, chat_format, trainer.model, precision))
+    meta = run_metadata(recipe, chat_format, trainer.model, precision)
+    write_model_card(trainer, recipe, summary, meta, log)
+    rundir.finish(out, meta)
     print_summary(summary, out, report)
+
+
+def write_model_card(trainer, recipe, summary: dict, meta: dict, log=print) -> None:
+    from ftkit.train.model_card import card, write_card
+
+    params = list(trainer.model.parameters())
+    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    out = Path(trainer.args.output_dir)
+    write_card(out, card(recipe, summary, meta, out, trainable, total, trainer.args.world_size), log)
