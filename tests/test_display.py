@@ -130,3 +130,31 @@ def test_before_after_table_aligns_chinese_text_by_terminal_cells():
     assert separators == [[20, 43]] * 3, rows
     assert rows[1].startswith("疑是地上霜。舉頭望…  |") and rows[1].endswith("| 疑是地上霜。")
     assert cell_len(clip("佐布星有三個月亮。" * 20, 30)) <= 30 and clip("短い", 30) == "短い"
+
+
+def test_the_live_view_renders_phases_progress_and_the_final_frame():
+    import io
+
+    from rich.console import Console
+
+    from ftkit.train.live_view import render
+
+    stream = io.StringIO()
+    display = RunDisplay("normal", live=True, stream=stream)
+    display.phase("loading model models/tiny", "Loading weights 3/21")
+    console = Console(file=io.StringIO(), width=100)
+    console.print(render(display))
+    assert "loading model models/tiny  Loading weights 3/21" in console.file.getvalue()
+    display.start_training(400)
+    display.step(report())
+    display.set_detail("evaluating 2/5")
+    console = Console(file=io.StringIO(), width=120)
+    console.print(render(display))
+    frame = console.file.getvalue().splitlines()
+    assert len(frame) == 2 and "120/400 · epoch 1.50 · 31s elapsed · eta 1m02s · evaluating 2/5" in frame[0]
+    assert frame[1] == "  loss 0.55 (last 0.532) · lr 2.0e-4 · grad norm 0.81 · 4,410 tok/s · mem 5.1 GB"
+    display.end_training()
+    display.summary("done: 400 steps")
+    display.close()
+    shown = stream.getvalue()
+    assert "✓ trained" in shown and shown.rstrip().endswith("done: 400 steps")

@@ -26,7 +26,7 @@ def spinner(display, text: Text) -> Spinner:
 def render(display):
     report = display.report
     if not display.training or report is None:
-        label = Text(display.phase_text, style="bold")
+        label = Text(display.phase_text, style="bold", no_wrap=True, overflow="ellipsis")
         if display.detail:
             label.append(f"  {display.detail}", style="dim")
         return spinner(display, label)
@@ -36,6 +36,8 @@ def render(display):
     where.append(f"{duration(report.elapsed)} elapsed")
     if report.eta is not None and not display.finished:
         where.append(f"eta {duration(report.eta)}")
+    if display.detail:
+        where.append(display.detail)
     status = (Text("✓ trained", style="bold green") if display.finished
               else spinner(display, Text("training", style="bold")))
     head = Table.grid(padding=(0, 1))
@@ -43,10 +45,7 @@ def render(display):
     head.add_column(ratio=1)
     head.add_column(no_wrap=True)
     head.add_row(status, ProgressBar(total=max(report.total, 1), completed=report.step), Text(" · ".join(where)))
-    rows = [head, metrics_text(report)]
-    if display.detail:
-        rows.append(Text(f"  {display.detail}", style="dim"))
-    return Group(*rows)
+    return Group(head, metrics_text(report))  # always two lines: a live area that changes height can leave a stray frame
 
 
 def metrics_text(report) -> Text:
@@ -62,4 +61,5 @@ def metrics_text(report) -> Text:
         parts.append(f"{report.tokens_per_second:,.0f} tok/s")
     if report.memory_gb is not None:
         parts.append(f"mem {report.memory_gb:.1f} GB")
-    return Text("  " + " · ".join(parts) if parts else "  waiting for the first logging step", style="")
+    return Text("  " + " · ".join(parts) if parts else "  waiting for the first logging step", no_wrap=True,
+                overflow="ellipsis")
