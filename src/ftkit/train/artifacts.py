@@ -162,7 +162,8 @@ def print_summary(summary: dict, out: Path, log=print) -> None:
     if summary.get("early_stopped_at_step"):
         log(f"early stopping ended the run at step {summary['early_stopped_at_step']}; kept the best checkpoint "
             f"{summary.get('best_checkpoint')} (eval loss {summary.get('best_eval_loss', float('nan')):.4f})")
-    log(f"saved to {out}/ (train_summary.json, loss_curve.png, ftkit_recipe.yml)")
+    card = "README.md" if rundir.is_ftkit_card(out / "README.md") else rundir.CARD_ASIDE
+    log(f"saved to {out}/ (model card {card}, train.log, train_summary.json, loss_curve.png)")
     log(f"next: ftkit chat --adapter {out}" if (out / "adapter_config.json").exists() else f"next: ftkit chat --model {out}")
 
 
