@@ -94,8 +94,10 @@ def init(
 
 @app.command()
 def doctor(json_: bool = typer.Option(False, "--json", help="Print the findings as JSON, for scripts.")) -> None:
-    """What this machine can train: Python, torch and its CUDA/ROCm build, GPUs (memory, bf16), bitsandbytes,
-    flash-attn, liger-kernel, DeepSpeed, vLLM, whether the hub answers, cache sizes, and what to install."""
+    """What this machine can train, and what to install to train more.
+
+    Python, torch and its CUDA/ROCm build, GPUs (memory, bf16), bitsandbytes, flash-attn, liger-kernel, DeepSpeed,
+    vLLM, whether the hub answers, cache sizes; then what that means for a recipe. Imports torch, nothing heavier."""
     from ftkit.commands.doctor import run_doctor
 
     run_doctor(as_json=json_, echo=typer.echo)
@@ -292,7 +294,8 @@ def predict(
     json_: bool = typer.Option(False, "--json", help="Print the metrics file as JSON (other lines go to stderr)."),
 ) -> None:
     """Answer every row of a file (greedy by default); score against the rows' answers when they have them.
-    The scores go to OUTPUT_STEM.metrics.json beside the predictions."""
+
+    The scores go to OUTPUT_STEM.metrics.json beside the predictions (--json prints them)."""
     from ftkit.commands.predict import metrics_path, run_predict
 
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,

@@ -137,8 +137,15 @@ def y(value) -> str:
     return text.removesuffix("\n...").removesuffix("...").strip()
 
 
+def shown(text: str) -> str:
+    """A path as a shell word, on one line (it goes into comments and commands to copy)."""
+    import shlex
+
+    return shlex.quote(str(text)).replace("\n", "\\n").replace("\r", "\\r")
+
+
 def render(values: dict, data: DataFacts, choice: Choice, gpu_gib: float, recipe_name: str) -> str:
-    v = values
+    v, recipe_name = values, shown(recipe_name)
     method = "QLoRA: a LoRA adapter on a 4-bit base" if choice.method == "qlora" else "LoRA adapter on bf16 weights"
     described = (f"{data.format} format, {data.rows:,} rows" if data.format else
                  "a hub dataset: its format is detected when it loads")
@@ -156,7 +163,7 @@ def render(values: dict, data: DataFacts, choice: Choice, gpu_gib: float, recipe
         lines += ["load_in_4bit: true", "bnb_4bit_quant_type: nf4", "use_bnb_nested_quant: true"]
     lines += ["lora_r: 16", "lora_alpha: 32                     # scale = alpha / r",
               "lora_dropout: 0.05", "lora_target_modules: all-linear", "",
-              f"# --- data: {data.path} ({described})"]
+              f"# --- data: {shown(data.path)} ({described})"]
     if data.columns:
         lines += ["dataset_mixture:", "  datasets:", f"    - id: {y(data.path)}",
                   f"      columns: {y(data.columns)}      # your columns renamed to prompt/completion",
@@ -206,7 +213,10 @@ def write_new(path: Path, text: str) -> None:
 
 def run_init(model: str, data: str, output: Path, gpu_memory: float = 24, echo=print) -> Path:
     from ftkit.config.recipe import load_recipe
+    from ftkit.files import check_arg_text
 
+    for value, option in ((model, "--model"), (data, "--data"), (str(output), "--output")):
+        check_arg_text(value, option)  # a recipe is UTF-8 YAML: a name it cannot hold is refused here
     output = Path(output)
     if output.exists() or output.is_symlink():
         raise FtkitError(f"{output} already exists; ftkit init never replaces a file: choose another --output")
@@ -228,7 +238,8 @@ def run_init(model: str, data: str, output: Path, gpu_memory: float = 24, echo=p
         raise AssertionError("ftkit init: the rendered recipe differs from its values")
     load_recipe(output, raw=values)  # as `ftkit validate` checks it: model path, data path, every value
     write_new(output, text)
-    echo(f"wrote {output}: {choice.why}; data {facts.format or 'from the hub'}"
+    name = shown(str(output))
+    echo(f"wrote {name}: {choice.why}; data {facts.format or 'from the hub'}"
          + (f", {facts.rows:,} rows" if facts.rows is not None else ""))
-    echo(f"next: ftkit validate {output} && ftkit preview {output} && ftkit train {output}")
+    echo(f"next: ftkit validate {name} && ftkit preview {name} && ftkit train {name}")
     return output

@@ -1,6 +1,7 @@
 """Train stage: recipe -> data -> model -> TRL's SFTTrainer -> artifacts in output_dir.
 
-Read top to bottom, `run_training` is the whole run; each step below it is one stage.
+Read top to bottom: `run_training` wraps the run in its display and train.log, `train` checks and prepares,
+`train_stages` is the whole run; each function below it is one stage.
 """
 
 from __future__ import annotations
@@ -110,9 +111,7 @@ def train_stages(recipe: Recipe, use_cache: bool, recipe_path: Path | None, disp
 
 
 def log_header(recipe: Recipe) -> str:
-    import sys
-
-    return f"ftkit {__version__}: {' '.join(['ftkit', *sys.argv[1:]]) if recipe.path else 'train'}"
+    return f"ftkit {__version__} train {recipe.path or '(a recipe given in code)'}"
 
 
 def open_run_dir(out: Path, action: str, log=print) -> None:
