@@ -94,3 +94,19 @@ def test_predict_writes_its_metrics_beside_the_predictions_and_prints_them_as_js
         2, f"ftkit: error: {tmp_path / 'other.metrics.json'} exists and was not written by ftkit predict (its metrics "
            "go there); move it, or choose another --output")
     assert (tmp_path / "other.metrics.json").read_text(encoding="utf-8") == "my own notes\n" and not other.exists()
+
+
+def test_a_save_straight_into_output_dir_keeps_a_users_readme_and_drops_pefts_template(tmp_path):
+    """Sharded (FSDP/DeepSpeed) weights are saved by every process straight into output_dir, where PEFT writes or
+    updates README.md; what was there comes back, and PEFT's blank template goes (the model card follows)."""
+    from ftkit.train.artifacts import readme_kept
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# my project\n")
+    with readme_kept(tmp_path):
+        readme.write_text("---\nlibrary_name: peft\n---\n# my project\n")  # PEFT updating the user's card
+    assert readme.read_text() == "# my project\n"
+    readme.unlink()
+    with readme_kept(tmp_path):
+        readme.write_text("# Model Card for Model ID\n\n" + rundir.PEFT_BLANK_CARD + "\n")
+    assert not readme.exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -87,6 +88,21 @@ def save_weights(trainer, out: Path) -> None:
             shutil.rmtree(target)
         os.replace(item, target)
     tmp.rmdir()
+
+
+@contextmanager
+def readme_kept(out: Path, main: bool = True):
+    """A save straight into output_dir (sharded weights) lets PEFT write or update README.md: put back what was
+    there (a user's README), or take PEFT's blank template away (the model card follows)."""
+    readme = out / "README.md"
+    before = readme.read_bytes() if main and readme.is_file() else None
+    try:
+        yield
+    finally:
+        if main and before is not None and (not readme.is_file() or readme.read_bytes() != before):
+            write_atomic(readme, before)
+        elif main and before is None and rundir.is_ftkit_card(readme, blank_template=True):
+            readme.unlink()
 
 
 def run_metadata(recipe, chat_format, model, precision) -> dict:
@@ -196,7 +212,8 @@ def write_outputs(trainer, recipe, chat_format, stats, result, started: float, p
     out = Path(trainer.args.output_dir)
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     if sharded:  # gathering sharded weights is collective: every process takes part, the main one writes
-        trainer.save_model(str(out))
+        with readme_kept(out, trainer.is_world_process_zero()):
+            trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return
     summary = write_run(trainer, recipe, chat_format, stats, result, started, precision, save_model=not sharded)
