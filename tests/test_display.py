@@ -154,6 +154,10 @@ def test_the_live_view_renders_phases_progress_and_the_final_frame():
     assert len(frame) == 2 and "120/400 · epoch 1.50 · 31s elapsed · eta 1m02s · evaluating 2/5" in frame[0]
     assert frame[1] == "  loss 0.55 (last 0.532) · lr 2.0e-4 · grad norm 0.81 · 4,410 tok/s · mem 5.1 GB"
     display.end_training()
+    console = Console(file=io.StringIO(), width=120)
+    console.print(render(display))
+    assert console.file.getvalue().startswith("■ stopped")  # ended before its last step (Ctrl-C, early stopping)
+    display.advance(400, 4.0, 90, 0)
     display.summary("done: 400 steps")
     display.close()
     shown = stream.getvalue()

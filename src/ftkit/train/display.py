@@ -240,7 +240,7 @@ class RunDisplay:
 
     def stop_live(self) -> None:
         if self._live is not None:
-            self.phase_text = "done" if self.finished else self.phase_text
+            self._live.transient = not self.training  # a phase spinner goes; the training picture stays as it ended
             self._live.stop()
             self._live = None
 

@@ -38,8 +38,11 @@ def render(display):
         where.append(f"eta {duration(report.eta)}")
     if display.detail:
         where.append(display.detail)
-    status = (Text("✓ trained", style="bold green") if display.finished
-              else spinner(display, Text("training", style="bold")))
+    if not display.finished:
+        status = spinner(display, Text("training", style="bold"))
+    else:  # early stopping, Ctrl-C or a NaN guard end a run before its last step
+        complete = report.step >= report.total
+        status = Text("✓ trained" if complete else "■ stopped", style="bold green" if complete else "bold yellow")
     head = Table.grid(padding=(0, 1))
     head.add_column(no_wrap=True, width=11)
     head.add_column(ratio=1)
