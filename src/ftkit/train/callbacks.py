@@ -13,6 +13,7 @@ import math
 import time
 
 from transformers import EarlyStoppingCallback, TrainerCallback
+from transformers.trainer_utils import has_length
 
 
 class NonFiniteLossGuard(TrainerCallback):
@@ -119,7 +120,7 @@ class DisplayCallback(TrainerCallback):
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
         if state.is_world_process_zero:
             self.predicted += 1
-            total = len(eval_dataloader) if eval_dataloader is not None and hasattr(eval_dataloader, "__len__") else 0
+            total = len(eval_dataloader) if has_length(eval_dataloader) else 0  # a streamed eval set has none
             self.display.set_detail(f"evaluating {self.predicted}/{total}" if total else "evaluating")
 
     def on_evaluate(self, args, state, control, **kwargs):
