@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,26 @@ def agent_rows() -> list[dict]:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` with its bytes: equal snapshots mean nothing was changed, added or removed."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(\d+)s$")
+
+
+def parse_step_line(line: str) -> dict[str, float]:
+    """A plain step line (`step 120/400 epoch 1.5 loss 0.532 lr 2.0e-4 ... eta 1m02s`) -> {name: number}; fails
+    on anything else. Durations become seconds; every other value must be what float() reads."""
+    head, _, rest = line.partition(" ")
+    step, _, total = rest.split(" ", 1)[0].partition("/")
+    assert head == "step" and step.isdigit() and total.isdigit(), line
+    words = rest.split(" ")[1:]
+    assert len(words) % 2 == 0, line
+    values: dict[str, float] = {"step": int(step), "total": int(total)}
+    for name, text in zip(words[::2], words[1::2]):
+        duration = DURATION.match(text)
+        if name in ("elapsed", "eta"):
+            assert duration, line
+            hours, minutes, seconds = (int(g or 0) for g in duration.groups())
+            values[name] = 3600 * hours + 60 * minutes + seconds
+        else:
+            values[name] = float(text)
+    return values

@@ -116,7 +116,7 @@ RECIPE_ROWS = [
     Row("recipe-duplicate-key", ["validate", "ok.yml"], err("ok.yml:6: key 'max_steps' is given twice (first on "
         "line 5); keep one"), files={"ok.yml": RECIPE + "max_steps: 3\n"}),
     Row("recipe-unknown-key", ["validate", "ok.yml"], err("ok.yml:6: unknown key 'learning_rat' (did you mean "
-        "'learning_rate'?)"), files={"ok.yml": RECIPE + "learning_rat: 0.1\n"}),
+        "'learning_rate'? see: ftkit keys learning_rate)"), files={"ok.yml": RECIPE + "learning_rat: 0.1\n"}),
 ]
 
 

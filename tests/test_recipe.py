@@ -73,7 +73,7 @@ def test_unknown_key_names_file_line_and_suggestion(tmp_path, data_file):
     path = base(tmp_path, data_file, "learning_rat: 0.1\n")
     result = ftkit("validate", str(path))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"ftkit: error: {path}:4: unknown key 'learning_rat' (did you mean 'learning_rate'?)"
+    assert result.stderr.strip() == f"ftkit: error: {path}:4: unknown key 'learning_rat' (did you mean 'learning_rate'? see: ftkit keys learning_rate)"
     assert "Traceback" not in result.stderr
 
 
@@ -83,7 +83,7 @@ def test_all_problems_reported_at_once(tmp_path, data_file):
     assert f"{path}:4: 'lora_r': expected int, got str 'abc'" in lines
     assert any(line.startswith(f"{path}:5: 'lr_scheduler_type': 'cosin' is not one of") and "did you mean 'cosine'" in line
                for line in lines)
-    assert f"{path}:8: unknown key 'num_train_epoch' (did you mean 'num_train_epochs'?)" in lines
+    assert f"{path}:8: unknown key 'num_train_epoch' (did you mean 'num_train_epochs'? see: ftkit keys num_train_epochs)" in lines
     assert any("'bf16': bf16 and fp16 are exclusive" in line for line in lines)
     assert len(lines) == 4
 
@@ -111,7 +111,7 @@ def test_set_overrides_are_typed_and_checked(tmp_path, data_file):
     assert recipe.sft["learning_rate"] == pytest.approx(2e-4)
     assert recipe.sft["num_train_epochs"] == 2.0
     assert recipe.model.lora_target_modules == ["q_proj", "v_proj"]
-    assert problems(path, ["learnin_rate=1"]) == ["--set learnin_rate: unknown key 'learnin_rate' (did you mean 'learning_rate'?)"]
+    assert problems(path, ["learnin_rate=1"]) == ["--set learnin_rate: unknown key 'learnin_rate' (did you mean 'learning_rate'? see: ftkit keys learning_rate)"]
     assert problems(path, ["oops"]) == ["--set 'oops': expected KEY=VALUE, e.g. --set learning_rate=2e-4"]
 
 

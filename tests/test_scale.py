@@ -206,7 +206,7 @@ def test_bad_recipe_with_launcher_prints_one_error_and_starts_no_worker(tiny_mod
     assert result.returncode == 2
     lineno = typo.read_text().splitlines().index("learning_rat: 0.001") + 1
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
-        f"ftkit: error: {typo}:{lineno}: unknown key 'learning_rat' (did you mean 'learning_rate'?)"]
+        f"ftkit: error: {typo}:{lineno}: unknown key 'learning_rat' (did you mean 'learning_rate'? see: ftkit keys learning_rate)"]
     assert "launching" not in result.stderr + result.stdout
     qlora = make_recipe(tmp_path, tiny_model, "qlora", load_in_4bit=True)
     result = ftkit("train", str(qlora), "--launcher", "accelerate_configs/fsdp.yaml")

@@ -23,8 +23,18 @@ RecipeArg = typer.Argument(..., help="Path to a YAML recipe.", show_default=Fals
 SetOpt = typer.Option(None, "--set", help="Override a recipe key, e.g. --set learning_rate=2e-4 (repeatable).")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from ftkit.versions import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the versions of ftkit, torch, transformers, trl and peft.")) -> None:
     """ftkit: recipe -> data -> model -> train -> artifacts; then chat with the result."""
 
 
@@ -50,6 +60,47 @@ def validate(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt) -> No
     m = parsed.model
     mode = "full fine-tune" if not m.use_peft else ("QLoRA 4-bit" if m.load_in_4bit else "LoRA 8-bit" if m.load_in_8bit else "LoRA")
     typer.echo(f"{recipe}: ok ({m.model_name_or_path}, {mode}, output_dir {parsed.output_dir()})")
+
+
+@app.command()
+def keys(
+    pattern: Optional[str] = typer.Argument(None, help="A key (shown in full), part of one (lora), or a glob "
+                                            "(bnb_4bit_*); default: every key.", show_default=False),
+    json_: bool = typer.Option(False, "--json", help="Print the keys as JSON, for scripts."),
+) -> None:
+    """List the recipe keys: owner, type, default and help, from the tables validation uses."""
+    import shutil
+
+    from ftkit.commands.keys import run_keys
+
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    run_keys(pattern, as_json=json_, width=width, echo=typer.echo)
+
+
+@app.command()
+def init(
+    model: str = typer.Option(..., "--model", help="Base model: a local directory or a hub id."),
+    data: str = typer.Option(..., "--data", help="Training data: a local file or folder (its format is detected), "
+                             "or a hub dataset id."),
+    output: Path = typer.Option(Path("recipe.yml"), "--output", "-o", help="The recipe to write (never replaced)."),
+    gpu_memory: float = typer.Option(24, "--gpu-memory", help="GiB of the GPU you will train on: decides LoRA or "
+                                     "QLoRA from ftkit estimate's figures."),
+) -> None:
+    """Write a commented starter recipe for a model and a data file (format detected, LoRA or QLoRA chosen)."""
+    from ftkit.commands.init import run_init
+
+    run_init(model, data, output, gpu_memory, echo=typer.echo)
+
+
+@app.command()
+def doctor(json_: bool = typer.Option(False, "--json", help="Print the findings as JSON, for scripts.")) -> None:
+    """What this machine can train, and what to install to train more.
+
+    Python, torch and its CUDA/ROCm build, GPUs (memory, bf16), bitsandbytes, flash-attn, liger-kernel, DeepSpeed,
+    vLLM, whether the hub answers, cache sizes; then what that means for a recipe. Imports torch, nothing heavier."""
+    from ftkit.commands.doctor import run_doctor
+
+    run_doctor(as_json=json_, echo=typer.echo)
 
 
 @app.command()
@@ -111,8 +162,16 @@ def train(
                                                 "(GPUs per machine x machines); default: the config's."),
     machine_rank: Optional[int] = typer.Option(None, "--machine-rank", help="With --launcher on several machines: "
                                                "this machine's rank (0 on the main one); default: the config's."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Show only errors and the final summary "
+                               "(output_dir/train.log still records everything)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the libraries' own messages and progress "
+                                 "bars too."),
 ) -> None:
-    """Train a model as the recipe says and write the adapter (or model), tokenizer and run summary."""
+    """Train a model as the recipe says and write the adapter (or model), tokenizer, model card and run summary.
+
+    In a terminal a live display shows the phase, then step, loss, learning rate, speed, ETA and memory; otherwise
+    one plain line per logging step (step 120/400 epoch 1.5 loss 0.532 lr 2.0e-4 ... eta 1m02s). Everything
+    shown, and every library message, is also written to output_dir/train.log."""
     import os
 
     from ftkit.config.recipe import load_recipe
@@ -120,20 +179,29 @@ def train(
 
     if launcher is None and (num_processes is not None or machine_rank is not None):
         raise FtkitError("--num-processes and --machine-rank need --launcher CONFIG (e.g. accelerate_configs/ddp.yaml)")
+    if quiet and verbose:
+        raise FtkitError("--quiet and --verbose contradict each other; pass one of them")
+    level = "quiet" if quiet else "verbose" if verbose else "normal"
     sets = [*(set_ or []), *(["resume_from_checkpoint=true"] if resume else [])]
     parsed = load_recipe(recipe, sets)
     if launcher is not None:
         from ftkit.commands import launch
 
-        _print_notes(parsed.notes)
+        if not quiet:
+            _print_notes(parsed.notes)
         code = launch.launch(parsed, recipe, launcher, sets, no_cache, num_processes, machine_rank,
-                             debug=_debug_flag(), echo=lambda line: typer.echo(line, err=True))
+                             debug=_debug_flag(), echo=lambda line: typer.echo(line, err=True),
+                             display_flags=[f"--{level}"] if level != "normal" else [])
         sys.exit(code)  # accelerate's exit status, as is
-    if is_main_process() and not os.environ.get(LAUNCHED_ENV):  # the launcher printed them
-        _print_notes(parsed.notes)
+    from ftkit.train.display import RunDisplay
     from ftkit.train.run import run_training
 
-    run_training(parsed, use_cache=not no_cache, recipe_path=recipe)
+    display = RunDisplay(level)
+    for note in parsed.notes:
+        display.record(f"note: {note}")
+    if is_main_process() and not os.environ.get(LAUNCHED_ENV) and not quiet:  # the launcher printed them
+        _print_notes(parsed.notes)
+    run_training(parsed, use_cache=not no_cache, recipe_path=recipe, display=display)
 
 
 AdapterOpt = typer.Option(None, "--adapter", help="A run's output_dir or any checkpoint-N dir inside it.")
@@ -230,17 +298,22 @@ def predict(
     dtype: Optional[str] = DtypeOpt,
     trust_remote_code: bool = TrustOpt,
     chat_template_kwargs: Optional[str] = TemplateKwargsOpt,
+    json_: bool = typer.Option(False, "--json", help="Print the metrics file as JSON (other lines go to stderr)."),
 ) -> None:
     """Answer every row of a file (greedy by default); score against the rows' answers when they have them.
 
     Rows may carry `tools` (function schemas) and `chat_template_kwargs` columns, and tool calls and results in
-    their history; a row ending with a tool result is answered after it."""
-    from ftkit.commands.predict import run_predict
+    their history; a row ending with a tool result is answered after it. The scores go to
+    OUTPUT_STEM.metrics.json beside the predictions (--json prints them)."""
+    from ftkit.commands.predict import metrics_path, run_predict
 
     options = _generation_options(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
                                   greedy, seed)
     run_predict(adapter, model, base, input_, output, options, batch_size=batch_size, system=system, dtype=dtype,
-                trust_remote_code=trust_remote_code, template_kwargs=chat_template_kwargs)
+                trust_remote_code=trust_remote_code, template_kwargs=chat_template_kwargs,
+                log=(lambda line: typer.echo(line, err=True)) if json_ else print)
+    if json_:
+        typer.echo(metrics_path(output).read_text(encoding="utf-8").rstrip())
 
 
 @app.command()

@@ -32,7 +32,11 @@ RUN_ARTIFACTS = ("adapter_config.json", "adapter_model.safetensors", "model.safe
                  "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer.model",
                  "added_tokens.json", "vocab.json", "merges.txt", "training_args.bin", "ftkit_*.json",
                  "ftkit_recipe.yml", "train_summary.json", "loss_curve.png", "samples.md", "train.log", "runs",
-                 "wandb", "checkpoint-*", "tmp-checkpoint-*", ".ftkit-tmp-*")
+                 "wandb", "checkpoint-*", "tmp-checkpoint-*", ".ftkit-tmp-*", "ftkit_model_card.md")
+# The first line of the model card ftkit writes as README.md: a README.md without it is the user's, never replaced.
+CARD_MARK = "<!-- ftkit model card: written by ftkit train, replaced when this run is trained again -->"
+CARD_ASIDE = "ftkit_model_card.md"  # where the card goes when the user's own README.md is there
+PEFT_BLANK_CARD = "<!-- Provide a quick summary of what the model is/does. -->"  # huggingface_hub's empty template
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -99,9 +103,24 @@ def finish(folder: Path, metadata: dict) -> None:
     write_json_atomic(folder / DONE, metadata)
 
 
+def is_ftkit_card(path: Path, blank_template: bool = False) -> bool:
+    """A README.md ftkit wrote: its YAML header is followed by CARD_MARK. With `blank_template`, also the blank
+    template PEFT saved into runs of ftkit versions before the model card (only asked about ftkit's own runs)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    return CARD_MARK in head or (blank_template and PEFT_BLANK_CARD in head)
+
+
 def clear_run(folder: Path) -> list[str]:
-    """Remove what an earlier ftkit run wrote (RUN_ARTIFACTS), leaving every other file. -> names removed."""
+    """Remove what an earlier ftkit run wrote (RUN_ARTIFACTS, and its model card), leaving every other file.
+    -> names removed."""
     removed = []
+    if is_ftkit_card(folder / "README.md", blank_template=True):  # clear_run is only called on ftkit's own runs
+        (folder / "README.md").unlink()
+        removed.append("README.md")
     for pattern in RUN_ARTIFACTS + (OWNER,):
         for path in sorted(folder.glob(pattern)):
             if path.is_dir() and not path.is_symlink():

@@ -25,7 +25,7 @@ from ftkit.errors import FtkitError
 
 
 def launch_argv(config: Path, recipe_path: Path, sets: list[str], no_cache: bool, num_processes: int | None = None,
-                machine_rank: int | None = None, debug: bool = False) -> list[str]:
+                machine_rank: int | None = None, debug: bool = False, display_flags: list[str] = ()) -> list[str]:
     """The command a user could type; `exec_argv` turns it into one that uses this Python's accelerate."""
     argv = ["accelerate", "launch", "--config_file", str(config)]
     if num_processes is not None:
@@ -37,7 +37,7 @@ def launch_argv(config: Path, recipe_path: Path, sets: list[str], no_cache: bool
         argv += ["--set", item]
     if no_cache:
         argv.append("--no-cache")
-    return argv
+    return argv + list(display_flags)  # --quiet / --verbose
 
 
 def exec_argv(argv: list[str]) -> list[str]:
@@ -73,7 +73,7 @@ def run(argv: list[str], env: dict | None = None) -> int:
 
 
 def launch(recipe, recipe_path: Path, config: Path, sets: list[str], no_cache: bool, num_processes: int | None,
-           machine_rank: int | None, debug: bool, echo=print) -> int:
+           machine_rank: int | None, debug: bool, echo=print, display_flags: list[str] = ()) -> int:
     """Check everything that can be checked without workers, then start them. -> exit status."""
     if num_processes is not None and num_processes < 1:
         raise FtkitError(f"--num-processes must be at least 1, got {num_processes}")
@@ -81,6 +81,6 @@ def launch(recipe, recipe_path: Path, config: Path, sets: list[str], no_cache: b
     check_launch(recipe, plan)
     rundir.plan_training_dir(recipe.output_dir(), recipe.run.overwrite_output_dir,
                              recipe.sft.get("resume_from_checkpoint"))
-    argv = launch_argv(config, recipe_path, sets, no_cache, num_processes, machine_rank, debug)
+    argv = launch_argv(config, recipe_path, sets, no_cache, num_processes, machine_rank, debug, display_flags)
     echo(f"launching: {' '.join(argv)}")
     return run(exec_argv(argv), env={**os.environ, LAUNCHED_ENV: "1"})

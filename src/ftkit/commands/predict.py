@@ -8,6 +8,9 @@ tool calls in the answer are also written as `tool_calls`. Rows without an answe
 instruction/input, a prompt-only file, messages ending with a user turn or a tool result) are answered and have no
 reference. Rerunning with the same --output skips the rows already written.
 
+The scores (and the run's settings) also go to OUTPUT_STEM.metrics.json beside the predictions, replaced on
+every run (it carries its own mark; any other file of that name is refused before anything loads).
+
 Every line ftkit predict writes begins `{"ftkit_predict": 1, "row": N, ...}`: that mark is how a rerun knows the
 file is its own to resume. Any other existing file (the input itself, a user's notes, another tool's output)
 is refused and left untouched. Lines are appended and synced to disk after every batch, so a kill leaves at
@@ -31,6 +34,7 @@ from ftkit.inference.options import GenerationOptions
 
 MARK = "ftkit_predict"
 MARK_PREFIX = '{"ftkit_predict": 1'  # how json.dumps writes the first key of every record
+METRICS_MARK = "ftkit_predict_metrics"  # the first key of the metrics file: only such a file is replaced
 
 
 @dataclass
@@ -178,6 +182,7 @@ def run_predict(adapter: Path | None, model_dir: Path | None, base: str | None, 
     check_arg_text(system, "--system")
     check_input(input_path)
     check_output(output, input_path)
+    check_metrics_file(metrics_path(output), input_path)
     done = done_rows(output)
     examples = read_examples(input_path, default_system(source, system))
     pending = [e for e in examples if e.row not in done]
@@ -189,9 +194,43 @@ def run_predict(adapter: Path | None, model_dir: Path | None, base: str | None, 
     log(f"wrote {output} ({len(done)} rows)")
     records = [done[e.row] for e in examples if e.row in done]
     metrics = score([r for r in records if r.get("reference") is not None])
+    write_metrics(metrics_path(output), metrics, input_path, output, source, len(examples), options)
+    log(f"metrics: {metrics_path(output)}" + ("" if metrics else " (no row has a reference answer to score)"))
     if metrics:
         log(format_metrics(metrics, worst))
     return metrics
+
+
+def metrics_path(output: Path) -> Path:
+    """preds.jsonl -> preds.metrics.json, beside it."""
+    return output.with_name(f"{output.stem}.metrics.json")
+
+
+def check_metrics_file(path: Path, input_path: Path) -> None:
+    """The metrics file may be replaced only when an earlier ftkit predict wrote it."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.exists() and not path.is_dir() and os.path.samefile(path, input_path):
+        raise FtkitError(f"{path}: the metrics file's name is the --input file; choose another --output")
+    try:
+        ours = json.loads(path.read_text(encoding="utf-8")).get(METRICS_MARK) == 1
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise FtkitError(f"{path} exists and was not written by ftkit predict (its metrics go there); move it, or "
+                         "choose another --output")
+
+
+def write_metrics(path: Path, metrics: dict, input_path: Path, output: Path, source: Path, rows: int,
+                  options: GenerationOptions) -> None:
+    from dataclasses import asdict
+
+    from ftkit.rundir import write_json_atomic
+
+    scores = {key: metrics.get(key) for key in ("exact_match", "chrf", "bleu", "rouge_l")}
+    write_json_atomic(path, {METRICS_MARK: 1, "input": str(input_path), "predictions": str(output),
+                             "model": str(source), "rows": rows, "scored_rows": metrics.get("rows", 0), **scores,
+                             "worst": metrics.get("worst", []), "generation": asdict(options)})
 
 
 def answer_rows(adapter, model_dir, base, dtype, trust_remote_code, pending: list[Example], output: Path,
@@ -235,5 +274,7 @@ def format_metrics(metrics: dict, worst: int = 3) -> str:
 
 
 def clip(text: str, width: int = 120) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """One line of at most `width` terminal cells (a CJK character takes two)."""
+    from ftkit.cells import clip as clip_cells
+
+    return clip_cells(text, width)

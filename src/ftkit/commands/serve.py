@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import secrets
-import shlex
 import socket
 import threading
 import time
@@ -35,10 +34,10 @@ from ftkit.commands import openai_schema as schema
 from ftkit.commands.openai_schema import ChatRequest, CompletionRequest, Sampling
 from ftkit.errors import FtkitError
 from ftkit.inference.options import GenerationOptions
+from ftkit.inference.vllm import production_line
 
 MAX_BODY = 16 * 2**20
 BACKLOG = 2048  # connections the kernel holds while the event loop is busy; beyond the queue they get 503
-VLLM_MAX_LORA_RANK = 16  # vLLM's default --max-lora-rank
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log: one stream for the server's lines
 
 
@@ -331,22 +330,6 @@ def make_server(app: FastAPI, engine: Engine):
 
     return Server(uvicorn.Config(app, backlog=BACKLOG, log_level="info", timeout_graceful_shutdown=5,
                                  lifespan="off"))
-
-
-def production_line(adapter: Path | None, model_dir: Path | None, base: str | None, name: str) -> tuple[str, str]:
-    """The vLLM command that serves the same model under the same id, and what would stop it working ("")."""
-    if adapter is None:
-        return f"vllm serve {shlex.quote(str(Path(model_dir).resolve()))} --served-model-name {shlex.quote(name)}", ""
-    config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
-    base = base or config["base_model_name_or_path"]
-    rank = max([config.get("r") or 0, *(config.get("rank_pattern") or {}).values()])
-    line = (f"vllm serve {shlex.quote(base)} --enable-lora --lora-modules "
-            f"{shlex.quote(f'{name}={Path(adapter).resolve()}')}")
-    line += f" --max-lora-rank {rank}" if rank > VLLM_MAX_LORA_RANK else ""
-    saved = config.get("modules_to_save") or []
-    note = (f"vLLM's LoRA loader refuses adapters with modules_to_save ({', '.join(saved)}): run `ftkit merge "
-            f"--adapter {shlex.quote(str(adapter))} --output MERGED` and `vllm serve MERGED` instead") if saved else ""
-    return line, note
 
 
 def context_window(model) -> int | None:

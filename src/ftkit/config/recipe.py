@@ -181,5 +181,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
 
 
 def suggest(key: str, table: dict) -> str:
+    """A typo's likely key, and where to read about it: `ftkit keys`."""
     close = difflib.get_close_matches(key, list(table) + list(RENAMED), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    if close:
+        return f" (did you mean '{close[0]}'? see: ftkit keys {close[0]})"
+    return " (see: ftkit keys)"

@@ -15,6 +15,11 @@ from ftkit.config.schema import HANDLED_SFT_KEYS, SECRET_PATTERN, Recipe
 from ftkit.errors import FtkitError
 from ftkit.train import options as train_options
 
+# SFTConfig values ftkit uses where the recipe says nothing (`ftkit keys` shows them as the defaults).
+# logging_nan_inf_filter: transformers replaces NaN/inf losses in the logs by the window's average (0 when all
+# are bad), hiding exactly what NonFiniteLossGuard must see; ftkit stops on them instead.
+SFT_DEFAULTS = {"report_to": "none", "logging_nan_inf_filter": False}
+
 
 def setup_reporting(recipe: Recipe, out: Path, log=print) -> None:
     """wandb without an API key would block on a login prompt: run it offline and say so. Its files go
@@ -72,10 +77,8 @@ def sft_config(recipe: Recipe, precision, out: Path, has_eval: bool):
     set_checkpointing(args, recipe.checkpointing(), checkpointing_name(SFTConfig))
     if args.get("padding_free") and not args.get("packing"):
         args["max_length"] = None  # TRL refuses padding_free with a max_length it cannot enforce; ftkit's data did
-    args.setdefault("report_to", "none")
-    # transformers replaces NaN/inf losses in the logs by the window's average (0 when all are bad), hiding
-    # exactly what NonFiniteLossGuard must see; ftkit stops on them instead.
-    args.setdefault("logging_nan_inf_filter", False)
+    for key, value in SFT_DEFAULTS.items():
+        args.setdefault(key, value)
     args = train_options.apply(recipe, args)  # early stopping: load_best_model_at_end, checkpoints per evaluation
     try:
         return SFTConfig(**args)

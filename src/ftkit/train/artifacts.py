@@ -2,8 +2,8 @@
 
 output_dir holds: the adapter (or full model) in safetensors, the tokenizer with the exact chat
 template used, generation_config.json whose eos ids stop at the end-of-turn token, ftkit_recipe.yml
-(resolved, no secrets), ftkit_run.json (what chat/predict/merge need), train_summary.json and
-loss_curve.png.
+(resolved, no secrets), ftkit_run.json (what chat/predict/merge need), train_summary.json,
+loss_curve.png, README.md (the model card, train/model_card.py) and train.log (train/display.py).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -80,13 +81,28 @@ def save_weights(trainer, out: Path) -> None:
     trainer.save_model(str(tmp))
     for item in sorted(tmp.iterdir()):
         target = out / item.name
-        if item.name == "README.md" and target.exists():  # PEFT's blank card never replaces a README that is there
+        if item.name == "README.md":  # PEFT's blank template: ftkit writes the model card (train/model_card.py)
             item.unlink()
             continue
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         os.replace(item, target)
     tmp.rmdir()
+
+
+@contextmanager
+def readme_kept(out: Path, main: bool = True):
+    """A save straight into output_dir (sharded weights) lets PEFT write or update README.md: put back what was
+    there (a user's README), or take PEFT's blank template away (the model card follows)."""
+    readme = out / "README.md"
+    before = readme.read_bytes() if main and readme.is_file() else None
+    try:
+        yield
+    finally:
+        if main and before is not None and (not readme.is_file() or readme.read_bytes() != before):
+            write_atomic(readme, before)
+        elif main and before is None and rundir.is_ftkit_card(readme, blank_template=True):
+            readme.unlink()
 
 
 def run_metadata(recipe, chat_format, model, precision) -> dict:
@@ -164,7 +180,8 @@ def print_summary(summary: dict, out: Path, log=print) -> None:
     if summary.get("early_stopped_at_step"):
         log(f"early stopping ended the run at step {summary['early_stopped_at_step']}; kept the best checkpoint "
             f"{summary.get('best_checkpoint')} (eval loss {summary.get('best_eval_loss', float('nan')):.4f})")
-    log(f"saved to {out}/ (train_summary.json, loss_curve.png, ftkit_recipe.yml)")
+    card = "README.md" if rundir.is_ftkit_card(out / "README.md") else rundir.CARD_ASIDE
+    log(f"saved to {out}/ (model card {card}, train.log, train_summary.json, loss_curve.png)")
     log(f"next: ftkit chat --adapter {out}" if (out / "adapter_config.json").exists() else f"next: ftkit chat --model {out}")
 
 
@@ -201,18 +218,32 @@ def accuracy_warnings(logged: list[dict]) -> list[str]:
 
 
 def write_outputs(trainer, recipe, chat_format, stats, result, started: float, precision, samples: list,
-                  log=print) -> None:
-    """All artifacts, then the completion marker last: a kill before it leaves the run 'unfinished'."""
+                  log=print, report=None) -> None:
+    """All artifacts, then the completion marker last: a kill before it leaves the run 'unfinished'.
+    `report` prints the end summary (default: `log`; `--quiet` shows only that)."""
     from ftkit.train.samples import after_training
 
     out = Path(trainer.args.output_dir)
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     if sharded:  # gathering sharded weights is collective: every process takes part, the main one writes
-        trainer.save_model(str(out))
+        with readme_kept(out, trainer.is_world_process_zero()):
+            trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return
     summary = write_run(trainer, recipe, chat_format, stats, result, started, precision, save_model=not sharded)
+    report = report or log
     if samples:
-        summary = after_training(trainer, recipe, chat_format, samples, summary, log)
-    rundir.finish(out, run_metadata(recipe, chat_format, trainer.model, precision))
-    print_summary(summary, out, log)
+        summary = after_training(trainer, recipe, chat_format, samples, summary, report)
+    meta = run_metadata(recipe, chat_format, trainer.model, precision)
+    write_model_card(trainer, recipe, summary, meta, log)
+    rundir.finish(out, meta)
+    print_summary(summary, out, report)
+
+
+def write_model_card(trainer, recipe, summary: dict, meta: dict, log=print) -> None:
+    from ftkit.train.model_card import card, write_card
+
+    params = list(trainer.model.parameters())
+    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    out = Path(trainer.args.output_dir)
+    write_card(out, card(recipe, summary, meta, out, trainable, total, trainer.args.world_size), log)

@@ -1,6 +1,7 @@
 """Train stage: recipe -> data -> model -> TRL's SFTTrainer -> artifacts in output_dir.
 
-Read top to bottom, `run_training` is the whole run; each step below it is one stage.
+Read top to bottom: `run_training` wraps the run in its display and train.log, `train` checks and prepares,
+`train_stages` is the whole run; each function below it is one stage.
 """
 
 from __future__ import annotations
@@ -8,22 +9,42 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ftkit import rundir
+from ftkit import __version__, rundir
 from ftkit.config.schema import Recipe
 from ftkit.errors import FtkitError, Interrupted
 
 
-def run_training(recipe: Recipe, use_cache: bool = True, log=print, recipe_path: Path | None = None) -> Path:
-    """recipe -> data -> model -> SFTTrainer -> artifacts in output_dir. -> output_dir."""
+def run_training(recipe: Recipe, use_cache: bool = True, log=print, recipe_path: Path | None = None,
+                 display=None) -> Path:
+    """recipe -> data -> model -> SFTTrainer -> artifacts in output_dir. -> output_dir.
+    `display` (train/display.py) shows and records the run; without one, lines go to `log` and train.log."""
+    from ftkit.dist import is_main_process
+    from ftkit.train.display import RunDisplay
+
+    if display is None or not is_main_process():  # every rank meets the same notes: rank 0 alone shows them
+        display = RunDisplay(live=False, echo=log if is_main_process() else (lambda *_args: None))
+    try:
+        return train(recipe, use_cache, recipe_path, display)
+    except BaseException as err:
+        display.failed(err)
+        raise
+    finally:
+        display.close()
+
+
+def train(recipe: Recipe, use_cache: bool, recipe_path: Path | None, display) -> Path:
+    from ftkit.dist import is_main_process
+
     started = time.time()
     out = recipe.output_dir()
     resume = recipe.sft.get("resume_from_checkpoint")
     action = rundir.plan_training_dir(out, recipe.run.overwrite_output_dir, resume)  # before anything loads
+    if action == "resume" and is_main_process():  # the run directory is ftkit's already: log into it from the start
+        display.attach_log(out / "train.log", log_header(recipe))
     from ftkit.config.launch_plan import check_launch, plan_from_environment
-    from ftkit.dist import log_for_rank
 
     check_launch(recipe, plan_from_environment())  # when `accelerate launch` started us without ftkit's launcher
-    log = log_for_rank(log)  # notes, data and summary lines once, from rank 0
+    log = display
     from ftkit.train.args import setup_reporting
 
     setup_reporting(recipe, out, log)
@@ -32,7 +53,14 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print, recipe_path:
 
     prepare_hub_access([recipe.model.model_name_or_path, recipe.model.tokenizer_name_or_path,
                         *(s.path for s in sources_from_recipe(recipe.data))], log)
+    from ftkit.train.library_output import library_output
 
+    with library_output(display):
+        return train_stages(recipe, use_cache, recipe_path, display, out, action, resume, started)
+
+
+def train_stages(recipe: Recipe, use_cache: bool, recipe_path: Path | None, display, out: Path, action: str, resume,
+                 started: float) -> Path:
     import torch
     from accelerate import PartialState
 
@@ -42,6 +70,7 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print, recipe_path:
     from ftkit.train.model import load_tokenizer
     from ftkit.train.samples import before_training
 
+    log = display
     precision = training_precision(recipe.model, recipe.sft, detect_hardware(bool(recipe.sft.get("use_cpu"))))
     check_for_device(recipe, precision.device)
     if precision.note:
@@ -49,15 +78,23 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print, recipe_path:
     # cpu=True on CPU: otherwise accelerate sees a single process there and main_process_first() waits for nobody
     state = PartialState(cpu=precision.device == "cpu")
     torch.manual_seed(recipe.sft_value("seed"))
+    display.phase(f"loading tokenizer {recipe.model.tokenizer_name_or_path or recipe.model.model_name_or_path}")
     tokenizer, chat_format, added = load_tokenizer(recipe.model, recipe.data.chat_template, log,
                                                    recipe.data.chat_template_kwargs)
+    display.phase("preparing data (reading, tokenising)")
     with state.main_process_first():
         data = build_datasets(recipe, chat_format, use_cache, log)
+    display.phase(f"loading model {recipe.model.model_name_or_path}")
     model = prepare_model(recipe, precision, tokenizer, bool(added), data, state.local_process_index, log)
     if state.is_main_process:
         open_run_dir(out, action, log)
+        display.attach_log(out / "train.log", log_header(recipe))
     state.wait_for_everyone()
-    trainer, loss_guard, interrupt = build_trainer(recipe, model, tokenizer, precision, state, out, data, log)
+    display.phase("preparing the trainer")
+    trainer, loss_guard, interrupt = build_trainer(recipe, model, tokenizer, precision, state, out, data, log,
+                                                   display)
+    if data.eval_conversations and recipe.run.eval_samples != 0:
+        display.phase("answering eval prompts before training")
     samples = before_training(trainer, recipe, chat_format, data.eval_conversations, state, log)
     checkpoint = resume_point(out, resume, log)
     if state.num_processes == 1:
@@ -72,8 +109,14 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print, recipe_path:
         raise Interrupted(*interrupted_lines(out, recipe_path))
     from ftkit.train.artifacts import write_outputs
 
-    write_outputs(trainer, recipe, chat_format, data.stats, result, started, precision, samples, log)
+    display.phase("saving" + (" and answering eval prompts after training" if samples else ""))
+    write_outputs(trainer, recipe, chat_format, data.stats, result, started, precision, samples, log,
+                  report=display.summary)
     return out
+
+
+def log_header(recipe: Recipe) -> str:
+    return f"ftkit {__version__} train {recipe.path or '(a recipe given in code)'}"
 
 
 def open_run_dir(out: Path, action: str, log=print) -> None:
@@ -154,13 +197,14 @@ def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, 
     return model
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path, data, log=print):
-    """TRL's SFTTrainer with ftkit's loss fallback and callbacks; -> (trainer, NaN guard, Ctrl-C handler)."""
+def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path, data, log=print, display=None):
+    """TRL's SFTTrainer with ftkit's loss fallback and callbacks, its progress shown on `display` (when given)
+    instead of transformers' bar; -> (trainer, NaN guard, Ctrl-C handler)."""
     from trl import SFTTrainer
 
     from ftkit.train import options as train_options
     from ftkit.train.args import sft_config
-    from ftkit.train.callbacks import InterruptCheckpoint, NonFiniteLossGuard
+    from ftkit.train.callbacks import InterruptCheckpoint, NonFiniteLossGuard, replace_progress_callbacks
     from ftkit.train.loss import count_step_tokens
 
     config = sft_config(recipe, precision, out, data.eval is not None)
@@ -172,6 +216,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path,
     trainer = SFTTrainer(model=model, args=config, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=tokenizer,
                          callbacks=[loss_guard, interrupt, *train_options.callbacks(recipe)])
+    if display is not None:
+        replace_progress_callbacks(trainer, display)
     train_options.fix_quantized_trainable_dtype(trainer.model, precision, log)  # TRL casts them to bf16
     if count_step_tokens(trainer):
         log("note: this model's forward takes no loss kwargs; ftkit normalises the loss by the step's trained tokens")

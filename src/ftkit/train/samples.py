@@ -58,13 +58,11 @@ def write_markdown(samples: list[Sample], path: Path) -> None:
 
 
 def table(samples: list[Sample], width: int = 40) -> str:
-    def cut(text: str) -> str:
-        text = " ".join(text.split())
-        return text if len(text) <= width else text[: width - 1] + "…"
+    """reference | before | after, one line per sample, columns measured in terminal cells (CJK takes two)."""
+    from ftkit.cells import columns
 
-    rows = [f"{'reference':<{width}} | {'before':<{width}} | after"]
-    rows += [f"{cut(s.reference):<{width}} | {cut(s.before):<{width}} | {cut(s.after)}" for s in samples]
-    return "\n".join(rows)
+    rows = [["reference", "before", "after"]] + [[s.reference, s.before, s.after] for s in samples]
+    return "\n".join(columns(rows, [width, width, width]))
 
 
 def scores(samples: list[Sample], field: str) -> dict[str, float]:
