@@ -32,7 +32,7 @@ RUN_ARTIFACTS = ("adapter_config.json", "adapter_model.safetensors", "model.safe
                  "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer.model",
                  "added_tokens.json", "vocab.json", "merges.txt", "training_args.bin", "ftkit_*.json",
                  "ftkit_recipe.yml", "train_summary.json", "loss_curve.png", "samples.md", "train.log", "runs",
-                 "wandb", "checkpoint-*", "tmp-checkpoint-*", ".ftkit-tmp-*")
+                 "wandb", "checkpoint-*", "tmp-checkpoint-*", ".ftkit-tmp-*", "base_adapters")
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

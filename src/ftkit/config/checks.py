@@ -43,6 +43,8 @@ def check_model(recipe: Recipe) -> Problems:
     for key, needs in (("model_name_or_path", ("config.json",)),
                        ("tokenizer_name_or_path", ("tokenizer_config.json", "tokenizer.json"))):
         name = getattr(m, key)
+        if key == "model_name_or_path" and recipe.method != "sft" and name and is_run(name):
+            continue  # a preference run starts from a finished ftkit run (train/start.py)
         problem = local_dir_problem(name, needs) if name else None
         if problem:
             problems.append((key, problem))
@@ -64,6 +66,13 @@ def check_model(recipe: Recipe) -> Problems:
             recipe.notes.append(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} ignored without "
                                 "use_peft: true")
     return problems
+
+
+def is_run(name: str) -> bool:
+    from ftkit import rundir
+
+    path = Path(name).expanduser()
+    return path.is_dir() and rundir.state(path) == "finished"
 
 
 def local_dir_problem(name: str, needs: tuple[str, ...]) -> str | None:

@@ -20,6 +20,8 @@ from ftkit import __version__, rundir
 from ftkit.config import quantization
 from ftkit.rundir import write_atomic, write_json_atomic
 from ftkit.train import options as train_options
+from ftkit.train.preference import preference_figures
+from ftkit.train.start import start_metadata
 
 
 def peak_memory_mb() -> float:
@@ -58,7 +60,13 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps, losses, eval_steps, eval_losses = loss_points(log_history)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    from ftkit.train.preference import plot_preference
+
+    preference = bool(preference_figures(log_history))
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    if preference:
+        plot_preference(axes[0][1], log_history)
     ax.plot(steps, losses, label="train loss")
     if eval_steps:
         ax.plot(eval_steps, eval_losses, "o-", label="eval loss")
@@ -103,6 +111,7 @@ def run_metadata(recipe, chat_format, model, precision) -> dict:
         "end_of_turn": chat_format.end_of_turn,
         "trust_remote_code": recipe.model.trust_remote_code,  # chat & co. still need --trust-remote-code
         "system_prompt": recipe.data.system_prompt,  # chat/predict default to it: inference matches training
+        **start_metadata(recipe),  # a run started from another: the base and the adapters merged into it
     }
 
 
@@ -141,6 +150,7 @@ def build_summary(trainer, data_stats, result, started: float) -> dict:
         "wall_time_s": round(time.time() - started, 2),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "train_losses": [[step, loss] for step, loss in zip(steps, losses)],
+        **preference_figures(state.log_history),  # rewards, margin, accuracy per logged step (preference methods)
         "data": asdict(data_stats),
         "seed": trainer.args.seed,
         "warnings": training_warnings(state.log_history, trainer.model.get_input_embeddings().weight.shape[0],

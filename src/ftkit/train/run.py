@@ -41,6 +41,11 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print, recipe_path:
     from ftkit.data.pipeline import build_datasets
     from ftkit.train.model import load_tokenizer
     from ftkit.train.samples import before_training
+    from ftkit.train.start import check_start, copy_chain
+
+    check_start(recipe)
+    if recipe.method != "sft":
+        from ftkit.data.preference import build_preference_datasets as build_datasets
 
     precision = training_precision(recipe.model, recipe.sft, detect_hardware(bool(recipe.sft.get("use_cpu"))))
     check_for_device(recipe, precision.device)
@@ -50,11 +55,12 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print, recipe_path:
     tokenizer, chat_format, added = load_tokenizer(recipe.model, recipe.data.chat_template, log)
     with state.main_process_first():
         data = build_datasets(recipe, chat_format, use_cache, log)
-    model = prepare_model(recipe, precision, tokenizer, bool(added), data, state.local_process_index, log)
+    model, lora = prepare_model(recipe, precision, tokenizer, bool(added), data, state.local_process_index, out, log)
     if state.is_main_process:
         open_run_dir(out, action, log)
+        copy_chain(recipe, out)
     state.wait_for_everyone()
-    trainer, loss_guard, interrupt = build_trainer(recipe, model, tokenizer, precision, state, out, data, log)
+    trainer, loss_guard, interrupt = build_trainer(recipe, model, tokenizer, precision, state, out, data, lora, log)
     samples = before_training(trainer, recipe, chat_format, data.eval_conversations, state, log)
     checkpoint = resume_point(out, resume, log)
     if state.num_processes == 1:
@@ -124,29 +130,36 @@ def check_token_ids(dataset, model, top: int | None = None) -> None:
                          "does not match the model: check tokenizer_name_or_path")
 
 
-def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, device_index: int, log=print):
-    """The model loaded, its embeddings fitted to the tokenizer, every token id checked, ftkit's defaults decided,
-    PEFT applied."""
+def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, device_index: int, out: Path,
+                  log=print):
+    """The model loaded (a finished run's model when the recipe starts from one), its embeddings fitted to the
+    tokenizer, every token id checked, ftkit's defaults decided, PEFT applied. -> (model, LoRA config for a
+    preference trainer that applies it itself, else None)."""
     from ftkit.train.defaults import choose_padding_free, resolve_checkpointing
-    from ftkit.train.model import apply_peft, fit_embeddings, load_model, trainable_summary
+    from ftkit.train.model import apply_peft, fit_embeddings, lora_config, prepare_kbit, trainable_summary
     from ftkit.train.packing import check_packing
+    from ftkit.train.start import load_policy
 
-    model = load_model(recipe.model, precision, device_index, recipe.sft.get("model_init_kwargs"))
+    model = load_policy(recipe, precision, device_index, out, log)
     fit_embeddings(model, tokenizer, log)
     if not recipe.data.streaming:  # a stream cannot be scanned ahead; fit_embeddings still bounds every id
         check_token_ids(data.train, model, data.stats.max_token_id)
         log(data_summary(data.stats))
     checkpointing = resolve_checkpointing(model, recipe, precision, device_index, log)
+    if recipe.method in ("dpo", "kto") and recipe.model.use_peft:  # TRL wraps it: the reference is the adapter off
+        return prepare_kbit(model, recipe.model, checkpointing), lora_config(model, recipe.model, new_tokens, log)
     if recipe.model.use_peft:
         model = apply_peft(model, recipe.model, new_tokens, checkpointing, log)
     log(trainable_summary(model))
-    check_packing(model, recipe, log)  # before the run directory is claimed
-    choose_padding_free(model, recipe, log)
-    return model
+    if recipe.method == "sft":
+        check_packing(model, recipe, log)  # before the run directory is claimed
+        choose_padding_free(model, recipe, log)
+    return model, None
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path, data, log=print):
-    """TRL's SFTTrainer with ftkit's loss fallback and callbacks; -> (trainer, NaN guard, Ctrl-C handler)."""
+def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path, data, lora=None, log=print):
+    """TRL's SFTTrainer (or the method's preference trainer) with ftkit's loss fallback and callbacks;
+    -> (trainer, NaN guard, Ctrl-C handler)."""
     from trl import SFTTrainer
 
     from ftkit.train import options as train_options
@@ -154,16 +167,25 @@ def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path,
     from ftkit.train.callbacks import InterruptCheckpoint, NonFiniteLossGuard
     from ftkit.train.loss import count_step_tokens
 
-    config = sft_config(recipe, precision, out, data.eval is not None)
+    loss_guard, interrupt = NonFiniteLossGuard(), InterruptCheckpoint()
+    callbacks = [loss_guard, interrupt, *train_options.callbacks(recipe)]
+    if recipe.method != "sft":
+        from ftkit.train.model import trainable_summary
+        from ftkit.train.preference import build_preference_trainer
+
+        trainer = build_preference_trainer(recipe, model, tokenizer, precision, out, data, lora, callbacks, log)
+        if lora is not None:
+            log(trainable_summary(trainer.model))
+    else:
+        trainer = SFTTrainer(model=model, args=sft_config(recipe, precision, out, data.eval is not None),
+                             train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+                             callbacks=callbacks)
+    config = trainer.args
     per_device, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
     log(f"effective batch size: {per_device} per device x {state.num_processes} process(es) x {accumulation} "
         f"accumulation = {per_device * state.num_processes * accumulation}; precision {precision.dtype} weights"
         + (", bf16 mixed" if precision.bf16 else ", fp16 mixed" if precision.fp16 else "") + f" on {precision.device}")
-    loss_guard, interrupt = NonFiniteLossGuard(), InterruptCheckpoint()
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data.train, eval_dataset=data.eval,
-                         processing_class=tokenizer,
-                         callbacks=[loss_guard, interrupt, *train_options.callbacks(recipe)])
     train_options.fix_quantized_trainable_dtype(trainer.model, precision, log)  # TRL casts them to bf16
-    if count_step_tokens(trainer):
+    if recipe.method == "sft" and count_step_tokens(trainer):
         log("note: this model's forward takes no loss kwargs; ftkit normalises the loss by the step's trained tokens")
     return trainer, loss_guard, interrupt

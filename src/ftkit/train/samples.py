@@ -19,17 +19,28 @@ from ftkit.rundir import write_atomic, write_json_atomic
 @dataclass
 class Sample:
     prompt: list[dict]
-    reference: str
+    reference: str  # the answer trained on: SFT's, or a preference pair's chosen one
     before: str = ""
     after: str = ""
+    rejected: str | None = None  # a preference pair's rejected answer
 
 
-def pick_samples(conversations: list[list[dict]], count: int) -> list[Sample]:
-    """The first `count` eval conversations, cut before their last assistant turn."""
+def pick_samples(conversations: list, count: int) -> list[Sample]:
+    """The first `count` eval conversations, cut before their last assistant turn; or preference rows (a prompt with
+    chosen and rejected answers, or KTO's desirable completions)."""
     samples = []
-    for messages in conversations[:count]:
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        samples.append(Sample(prompt=messages[:last], reference=messages[last]["content"]))
+    for item in conversations:
+        if len(samples) == count:
+            break
+        if isinstance(item, dict):  # data/preference.py's rows
+            if item.get("label") is False:
+                continue
+            answer = item.get("chosen") or item["completion"]
+            rejected = item["rejected"]["content"] if "rejected" in item else None
+            samples.append(Sample(prompt=item["prompt"], reference=answer["content"], rejected=rejected))
+            continue
+        last = max(i for i, m in enumerate(item) if m["role"] == "assistant")
+        samples.append(Sample(prompt=item[:last], reference=item[last]["content"]))
     return samples
 
 
@@ -46,8 +57,9 @@ def write_markdown(samples: list[Sample], path: Path) -> None:
     lines = ["# Eval samples: before and after training", ""]
     for i, s in enumerate(samples, 1):
         question = s.prompt[-1]["content"] if s.prompt else ""
-        lines += [f"## {i}. {question}", "", f"**reference**: {s.reference}", "", f"**before**: {s.before}", "",
-                  f"**after**: {s.after}", ""]
+        reference = ([f"**chosen**: {s.reference}", "", f"**rejected**: {s.rejected}"] if s.rejected is not None
+                     else [f"**reference**: {s.reference}"])
+        lines += [f"## {i}. {question}", "", *reference, "", f"**before**: {s.before}", "", f"**after**: {s.after}", ""]
     write_atomic(path, "\n".join(lines))
 
 
