@@ -154,7 +154,7 @@ def build_summary(trainer, data_stats, result, started: float) -> dict:
         "data": asdict(data_stats),
         "seed": trainer.args.seed,
         "warnings": training_warnings(state.log_history, trainer.model.get_input_embeddings().weight.shape[0],
-                                      trainer.args.loss_type),
+                                      getattr(trainer.args, "loss_type", "nll")),
     }
 
 
