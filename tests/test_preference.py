@@ -294,3 +294,13 @@ def test_two_process_dpo_with_the_cpu_launcher(trained_run, tmp_path):
     assert result.stdout.count("effective batch size: 3 per device x 2 process(es) x 1 accumulation = 6") == 1
     model, _, chat_format = load_for_chat(tmp_path / "dpo2", None, None, None)
     assert_gives_chosen(model, chat_format)
+
+
+def test_combinations_the_trainers_would_refuse_after_loading_are_refused_first(tmp_path):
+    path = recipe_text(tmp_path, "method: kto\nper_device_train_batch_size: 1\nuse_peft: true\nsync_ref_model: true\n"
+                       "lora_target_modules: [q_proj, lm_head]\ntrain_on: all\n")
+    found = problems(path)
+    assert [line.split(": ")[1] for line in found] == ["'train_on'", "'sync_ref_model'", "'per_device_train_batch_size'",
+                                                       "'lora_target_modules'"]
+    path = recipe_text(tmp_path, "method: dpo\nloss_type: [sigmoid, sft]\nloss_weights: [1.0]\n")
+    assert problems(path) == [f"{path}:6: 'loss_weights': gives 1 weight(s) for 2 loss_type(s); give one per loss"]

@@ -95,7 +95,7 @@ def load_policy(recipe, precision, device_index: int, out: Path, log=print):
         "(the reference model)")
     quantised = recipe.model.load_in_4bit or recipe.model.load_in_8bit
     dtype = getattr(torch, "float32" if quantised and precision.device == "cpu" else precision.dtype)
-    model = merged_run(run, dtype, recipe.model.trust_remote_code)
+    model = merged_run(run, dtype, recipe.model.trust_remote_code).requires_grad_(True)  # PEFT left it frozen
     base = rundir.run_metadata(run).get("base_model")
     if not quantised:
         return keep_base_name(model, base)
