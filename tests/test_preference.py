@@ -304,3 +304,52 @@ def test_combinations_the_trainers_would_refuse_after_loading_are_refused_first(
                                                        "'lora_target_modules'"]
     path = recipe_text(tmp_path, "method: dpo\nloss_type: [sigmoid, sft]\nloss_weights: [1.0]\n")
     assert problems(path) == [f"{path}:6: 'loss_weights': gives 1 weight(s) for 2 loss_type(s); give one per loss"]
+
+
+def test_preview_shows_chosen_and_rejected_side_by_side(tiny_model, tmp_path):
+    recipe = preference_recipe(tmp_path, tiny_model, "preview", "dpo")
+    result = ftkit("preview", str(recipe), "-n", "6", env={"COLUMNS": "160"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("chosen") >= 6 and result.stdout.count("rejected") >= 6
+    for (_, answer), short in zip(CHATS, SHORT_ANSWERS):
+        assert f"{short}<|im_end|>" in result.stdout
+    stats = json.loads(ftkit("preview", str(recipe), "--json").stdout)
+    assert stats["train_samples"] == len(CHATS) and 0 < stats["trained_fraction"] < 1
+
+
+@pytest.mark.slow
+def test_a_preference_run_on_an_sft_run_merges_and_serves_as_one_model(trained_run, tmp_path):
+    """merge folds base + SFT adapter + DPO adapter into one model that answers like the run; serve's vLLM line
+    points at that route, since vLLM would load the DPO adapter on the raw base."""
+    from ftkit.commands.serve import production_line
+    from ftkit.inference.loading import load_for_chat
+    from ftkit.train.run import run_training
+
+    out = run_training(load_recipe(preference_recipe(tmp_path, trained_run, "dpo", "dpo", loss_type=["sigmoid", "sft"],
+                                                     max_steps=60)), log=QUIET)
+    merged = ftkit("merge", "--adapter", str(out), "--output", str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    from ftkit.inference.generate import generate
+    from tests.helpers import GREEDY
+
+    run_model, _, run_format = load_for_chat(out, None, None, None)
+    merged_model, _, merged_format = load_for_chat(None, tmp_path / "merged", None, None)
+    for question, _ in CHATS:
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        assert generate(merged_model, merged_format, messages, GREEDY) == generate(run_model, run_format, messages,
+                                                                                   GREEDY)
+    _, note = production_line(out, None, None, "dpo")
+    assert "an earlier run's adapter merged in" in note and "ftkit merge" in note
+
+
+def test_the_readme_preference_recipe_validates(tiny_model, tmp_path):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("# dpo.yml:", 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    recipe = yaml.safe_load(block)
+    assert recipe["method"] == "dpo" and recipe["loss_type"] == ["sigmoid", "sft"]
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "pairs.jsonl", preference_rows())
+    (tmp_path / "dpo.yml").write_text(block, encoding="utf-8")
+    result = ftkit("validate", "dpo.yml", "--set", f"model_name_or_path={tiny_model}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("dpo.yml: ok (") and ", dpo, LoRA," in result.stdout

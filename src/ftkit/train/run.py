@@ -55,12 +55,13 @@ def run_training(recipe: Recipe, use_cache: bool = True, log=print, recipe_path:
     tokenizer, chat_format, added = load_tokenizer(recipe.model, recipe.data.chat_template, log)
     with state.main_process_first():
         data = build_datasets(recipe, chat_format, use_cache, log)
-    model, lora = prepare_model(recipe, precision, tokenizer, bool(added), data, state.local_process_index, out, log)
+    model = prepare_model(recipe, precision, tokenizer, bool(added), data, state.local_process_index, log, out)
+    lora = trainer_lora(model, recipe, bool(added), log)
     if state.is_main_process:
         open_run_dir(out, action, log)
         copy_chain(recipe, out)
     state.wait_for_everyone()
-    trainer, loss_guard, interrupt = build_trainer(recipe, model, tokenizer, precision, state, out, data, lora, log)
+    trainer, loss_guard, interrupt = build_trainer(recipe, model, tokenizer, precision, state, out, data, log, lora)
     samples = before_training(trainer, recipe, chat_format, data.eval_conversations, state, log)
     checkpoint = resume_point(out, resume, log)
     if state.num_processes == 1:
@@ -130,34 +131,43 @@ def check_token_ids(dataset, model, top: int | None = None) -> None:
                          "does not match the model: check tokenizer_name_or_path")
 
 
-def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, device_index: int, out: Path,
-                  log=print):
+def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, device_index: int, log=print,
+                  out: Path | None = None):
     """The model loaded (a finished run's model when the recipe starts from one), its embeddings fitted to the
-    tokenizer, every token id checked, ftkit's defaults decided, PEFT applied. -> (model, LoRA config for a
-    preference trainer that applies it itself, else None)."""
+    tokenizer, every token id checked, ftkit's defaults decided, PEFT applied (DPO and KTO apply it themselves:
+    trainer_lora)."""
     from ftkit.train.defaults import choose_padding_free, resolve_checkpointing
-    from ftkit.train.model import apply_peft, fit_embeddings, lora_config, prepare_kbit, trainable_summary
+    from ftkit.train.model import apply_peft, fit_embeddings, prepare_kbit, trainable_summary
     from ftkit.train.packing import check_packing
     from ftkit.train.start import load_policy
 
-    model = load_policy(recipe, precision, device_index, out, log)
+    model = load_policy(recipe, precision, device_index, out or recipe.output_dir(), log)
     fit_embeddings(model, tokenizer, log)
     if not recipe.data.streaming:  # a stream cannot be scanned ahead; fit_embeddings still bounds every id
         check_token_ids(data.train, model, data.stats.max_token_id)
         log(data_summary(data.stats))
     checkpointing = resolve_checkpointing(model, recipe, precision, device_index, log)
     if recipe.method in ("dpo", "kto") and recipe.model.use_peft:  # TRL wraps it: the reference is the adapter off
-        return prepare_kbit(model, recipe.model, checkpointing), lora_config(model, recipe.model, new_tokens, log)
+        return prepare_kbit(model, recipe.model, checkpointing)
     if recipe.model.use_peft:
         model = apply_peft(model, recipe.model, new_tokens, checkpointing, log)
     log(trainable_summary(model))
     if recipe.method == "sft":
         check_packing(model, recipe, log)  # before the run directory is claimed
         choose_padding_free(model, recipe, log)
-    return model, None
+    return model
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path, data, lora=None, log=print):
+def trainer_lora(model, recipe: Recipe, new_tokens: bool, log=print):
+    """The LoRA config DPO and KTO apply themselves, so their reference is the model with the adapter off."""
+    if recipe.method not in ("dpo", "kto") or not recipe.model.use_peft:
+        return None
+    from ftkit.train.model import lora_config
+
+    return lora_config(model, recipe.model, new_tokens, log)
+
+
+def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path, data, log=print, lora=None):
     """TRL's SFTTrainer (or the method's preference trainer) with ftkit's loss fallback and callbacks;
     -> (trainer, NaN guard, Ctrl-C handler)."""
     from trl import SFTTrainer
