@@ -233,6 +233,7 @@ def test_dpo_from_an_sft_run_gives_the_chosen_answers_and_leaves_the_run_untouch
     result = ftkit("train", str(recipe))
     assert result.returncode == 0, result.stderr[-3000:]
     assert snapshot(trained_run) == before  # the starting run is only read
+    assert "pairs ranked right 100%" in result.stdout
     out = tmp_path / "dpo"
     model, _, chat_format = load_for_chat(out, None, None, None)
     assert_gives_chosen(model, chat_format)

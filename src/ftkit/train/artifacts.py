@@ -170,6 +170,10 @@ def print_summary(summary: dict, out: Path, log=print) -> None:
         log(f"train loss {first:.4f} -> {loss:.4f}"
             + (f", eval loss {summary['final_eval_loss']:.4f}" if summary["final_eval_loss"] is not None else "")
             + (f" (perplexity {summary['final_eval_perplexity']:.2f})" if summary.get("final_eval_perplexity") else ""))
+    if summary.get("final_reward_margin") is not None:
+        log(f"reward margin {summary['final_reward_margin']:.4f} (chosen {summary.get('final_rewards_chosen', 0):.4f}, "
+            f"rejected {summary.get('final_rewards_rejected', 0):.4f})"
+            + (f", pairs ranked right {summary['final_reward_accuracy']:.0%}" if "final_reward_accuracy" in summary else ""))
     if summary.get("early_stopped_at_step"):
         log(f"early stopping ended the run at step {summary['early_stopped_at_step']}; kept the best checkpoint "
             f"{summary.get('best_checkpoint')} (eval loss {summary.get('best_eval_loss', float('nan')):.4f})")
