@@ -319,15 +319,20 @@ def test_preview_shows_chosen_and_rejected_side_by_side(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_preference_run_on_an_sft_run_merges_and_serves_as_one_model(trained_run, tmp_path):
-    """merge folds base + SFT adapter + DPO adapter into one model that answers like the run; serve's vLLM line
-    points at that route, since vLLM would load the DPO adapter on the raw base."""
+def test_a_qlora_run_on_an_sft_run_merges_and_serves_as_one_model(trained_run, tiny_model, tmp_path):
+    """QLoRA DPO on an SFT adapter run: the SFT adapter is merged in full precision into a temporary folder that is
+    loaded in 4-bit and removed; the adapter records the raw base. merge folds base + SFT adapter + DPO adapter into
+    one model that answers like the run; serve's vLLM line points at that route (vLLM would load the DPO adapter on
+    the raw base)."""
     from ftkit.commands.serve import production_line
     from ftkit.inference.loading import load_for_chat
     from ftkit.train.run import run_training
 
     out = run_training(load_recipe(preference_recipe(tmp_path, trained_run, "dpo", "dpo", loss_type=["sigmoid", "sft"],
-                                                     max_steps=60)), log=QUIET)
+                                                     max_steps=60, load_in_4bit=True)), log=QUIET)
+    assert not list(out.glob(".ftkit-tmp*"))
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
+    assert json.loads((out / "ftkit_run.json").read_text())["quantization"]["load_in_4bit"] is True
     merged = ftkit("merge", "--adapter", str(out), "--output", str(tmp_path / "merged"))
     assert merged.returncode == 0, merged.stderr[-2000:]
     from ftkit.inference.generate import generate
@@ -354,3 +359,31 @@ def test_the_readme_preference_recipe_validates(tiny_model, tmp_path):
     result = ftkit("validate", "dpo.yml", "--set", f"model_name_or_path={tiny_model}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("dpo.yml: ok (") and ", dpo, LoRA," in result.stdout
+
+
+def test_ftkit_hands_trl_the_answers_trl_would_train_on_less_what_follows_end_of_turn(tiny_model, tmp_path):
+    """Beside plain TRL: DPOTrainer tokenising the same conversational pairs itself gets the same prompt tokens and
+    the same answers plus the template's text after <|im_end|> (ChatML's newline), which ftkit leaves untrained."""
+    import datasets
+    from trl import DPOConfig
+
+    from ftkit.data.preference import PAIRED, normalise_row
+    from ftkit.train.preference import trainer_classes
+
+    data = prepared(tmp_path, tiny_model, preference_rows())
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [normalise_row(r, PAIRED, None) for r in preference_rows()]
+    plain_rows = datasets.Dataset.from_list([{"prompt": r["prompt"], "chosen": [r["chosen"]],
+                                              "rejected": [r["rejected"]]} for r in rows])
+    _, trainer_class = trainer_classes("dpo")
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, report_to="none")
+    trainer = trainer_class(model=AutoModelForCausalLM.from_pretrained(tiny_model), args=args,
+                            train_dataset=plain_rows, processing_class=tokenizer)
+    theirs = {tuple(r["prompt_ids"]): r for r in trainer.train_dataset}  # TRL's own tokenisation (no prompt_ids given)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    for ours in data.train:
+        trl_row = theirs[tuple(ours["prompt_ids"])]
+        assert trl_row["chosen_ids"] == ours["chosen_ids"] + newline
+        assert trl_row["rejected_ids"] == ours["rejected_ids"] + newline
