@@ -169,3 +169,36 @@ def parse_step_line(line: str) -> dict[str, float]:
         else:
             values[name] = float(text)
     return values
+
+
+# Preference data: for each of CHATS a shorter answer the SFT run never saw (chosen) against the one it learned
+# (rejected). No chosen answer starts with the rejected one's first token, so KTO can tell them apart early.
+SHORT_ANSWERS = ["Its capital is Tinyville.", "Three: Pim, Pom, Pum.", "An orange cat.", "疑是地上霜。", "三個。", "食咗喇！"]
+
+
+def preference_rows() -> list[dict]:
+    return [{"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+             "chosen": [{"role": "assistant", "content": short}], "rejected": [{"role": "assistant", "content": a}]}
+            for (q, a), short in zip(CHATS, SHORT_ANSWERS)]
+
+
+def preference_recipe(tmp_path: Path, start: Path, name: str, method: str, rows: list[dict] | None = None,
+                      **overrides) -> Path:
+    data = write_jsonl(tmp_path / f"{name}.jsonl", rows if rows is not None else preference_rows())
+    recipe = {
+        "model_name_or_path": str(start), "method": method, "use_peft": True, "lora_r": 8, "lora_alpha": 16,
+        "lora_dropout": 0.0, "lora_modules_to_save": ["embed_tokens", "lm_head"], "dataset_mixer": {str(data): 1.0},
+        "output_dir": str(tmp_path / name), "max_steps": 100, "per_device_train_batch_size": 6,
+        "learning_rate": 1e-2, "lr_scheduler_type": "constant", "gradient_checkpointing": False, "logging_steps": 10,
+        "save_strategy": "no", "seed": 0, **overrides,
+    }
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def assert_gives_chosen(model, chat_format) -> None:
+    """Greedy answers are exactly the chosen (short) answers, each stopping at the end-of-turn token."""
+    for (question, _), short in zip(CHATS, SHORT_ANSWERS):
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        assert generate(model, chat_format, messages, GREEDY) == short

@@ -258,3 +258,27 @@ def test_every_seed_recipe_estimates(name, tiny_model, tmp_path):
         other = 2 * config["vocab_size"] * hidden + (2 * layers + 1) * hidden
         linear = parameters - other
         assert figures["bytes"]["weights"] == pytest.approx(linear * (0.5 + (1 + 4 / 256) / 64) + other * 4)
+
+
+def test_preference_methods_count_the_reference_and_both_answers(tmp_path):
+    """DPO under full fine-tuning keeps a frozen copy of the weights; under LoRA the reference is the adapter off (no
+    memory); chosen and rejected run in one forward, so activations double; KTO runs one completion per sample."""
+    keys = dict(per_device_train_batch_size=1, max_length=2048, gradient_checkpointing=True)
+    sft_full = run(tmp_path, LLAMA3_8B, **keys)["bytes"]
+    dpo_full = run(tmp_path, LLAMA3_8B, method="dpo", **keys)["bytes"]
+    assert dpo_full["reference_model"] == dpo_full["weights"] == sft_full["weights"]
+    assert dpo_full["activations_checkpointing"] == 2 * sft_full["activations_checkpointing"]
+    assert dpo_full["total"] == sft_full["total"] + dpo_full["weights"] + sft_full["activations_checkpointing"]
+    precomputed = run(tmp_path, LLAMA3_8B, method="dpo", precompute_ref_log_probs=True, **keys)["bytes"]
+    assert precomputed["reference_model"] == 0
+    dpo_lora = run(tmp_path, LLAMA3_8B, method="dpo", use_peft=True, **keys)["bytes"]
+    assert dpo_lora["reference_model"] == 0
+    kto = run(tmp_path, LLAMA3_8B, method="kto", **{**keys, "per_device_train_batch_size": 2})["bytes"]
+    sft_two = run(tmp_path, LLAMA3_8B, **{**keys, "per_device_train_batch_size": 2})["bytes"]
+    assert kto["reference_model"] == kto["weights"] and kto["activations_checkpointing"] == sft_two["activations_checkpointing"]
+    orpo = run(tmp_path, LLAMA3_8B, method="orpo", **keys)["bytes"]
+    assert orpo["reference_model"] == 0 and orpo["activations_checkpointing"] == dpo_full["activations_checkpointing"]
+    shown = ftkit("estimate", str(recipe_for(tmp_path, LLAMA3_8B, method="dpo", **keys)))
+    assert shown.returncode == 0, shown.stderr
+    assert "x 2 sequences (chosen and rejected, one forward)" in shown.stdout
+    assert "reference model (a frozen copy)" in shown.stdout

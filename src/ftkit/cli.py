@@ -59,6 +59,7 @@ def validate(recipe: Path = RecipeArg, set_: Optional[list[str]] = SetOpt) -> No
     _print_notes(parsed.notes)
     m = parsed.model
     mode = "full fine-tune" if not m.use_peft else ("QLoRA 4-bit" if m.load_in_4bit else "LoRA 8-bit" if m.load_in_8bit else "LoRA")
+    mode = mode if parsed.method == "sft" else f"{parsed.method}, {mode}"
     typer.echo(f"{recipe}: ok ({m.model_name_or_path}, {mode}, output_dir {parsed.output_dir()})")
 
 

@@ -20,6 +20,9 @@ Method (also in `ftkit estimate --help`):
   only each layer's input plus one layer recomputed. Plus the logits, their float32 copy and log-softmax.
 - Total: weights + trainable copies + gradients + optimizer states + activations (with the recipe's
   checkpointing setting). A GPU "fits" when the total leaves 1 GiB for the CUDA context and kernels.
+- Preference methods: DPO, ORPO and SimPO run chosen and rejected answers in one forward (twice the activations);
+  DPO and KTO under full fine-tuning keep a frozen reference copy of the weights (none with LoRA: the reference is
+  the adapter switched off; none with precompute_ref_log_probs), whose forward runs without gradients.
 Not counted: allocator fragmentation, temporary buffers of single kernels, eval batches, and tokens ftkit adds
 to the vocabulary at train time.
 """
@@ -45,7 +48,9 @@ def render(result: dict, setup: Setup, source: str, model: str) -> str:
     lines = [
         f"model {model}: {result['model_type']}, {result['parameters']:,} parameters, {result['layers']} layers, "
         f"hidden {result['hidden_size']}, vocab {result['vocab_size']:,} (config: {source})",
-        f"{mode}; {setup.batch} x {setup.max_length:,} tokens per device; optimizer {setup.optim}; "
+        f"{mode}; {setup.batch} x {setup.max_length:,} tokens per device"
+        + (" x 2 sequences (chosen and rejected, one forward)" if setup.sequences == 2 else "")
+        + f"; optimizer {setup.optim}; "
         "gradient checkpointing " + ({True: "on", False: "off"}.get(setup.checkpointing)
                                      or "auto (ftkit turns it on only where the run would not fit without it)"),
         "",
@@ -56,6 +61,10 @@ def render(result: dict, setup: Setup, source: str, model: str) -> str:
         lines.append(f"{name:<54}{params:>16}{mem:>12}{extra}")
 
     row(f"weights ({lab['weights']})", f"{result['parameters']:,}", gib(b["weights"]))
+    if setup.reference != "none":
+        what = {"copy": "a frozen copy", "adapter off": "the weights with the adapter off",
+                "precomputed": "log-probs precomputed before training"}[setup.reference]
+        row(f"reference model ({what})", "", gib(b["reference_model"]))
     if setup.use_peft:
         row(f"trainable parameters ({lab['trainable']})", f"{result['trainable_parameters']:,}",
             gib(b["trainable_copies"]))

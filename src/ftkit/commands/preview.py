@@ -2,6 +2,7 @@
 
 Rows per source, token-length percentiles, what was truncated/dropped/skipped, how much carries loss,
 and a few samples rendered token by token: trained tokens green, masked tokens grey, boundaries visible.
+Preference data shows each pair's chosen and rejected answers side by side.
 """
 
 from __future__ import annotations
@@ -22,9 +23,18 @@ def percentiles(values: list[int]) -> dict[str, int]:
     return {"min": ordered[0], "p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": ordered[-1]}
 
 
+def sample_lengths(train) -> list[int]:
+    """Tokens per sample: SFT's input_ids; a preference pair's prompt plus its longer answer."""
+    if "input_ids" in train.column_names:
+        return [len(ids) for ids in train["input_ids"]]
+    answers = [key for key in ("chosen_ids", "rejected_ids", "completion_ids") if key in train.column_names]
+    columns = [train["prompt_ids"], *(train[key] for key in answers)]
+    return [len(row[0]) + max(len(a) for a in row[1:]) for row in zip(*columns)]
+
+
 def statistics(prepared) -> dict:
     stats = prepared.stats
-    lengths = [len(ids) for ids in prepared.train["input_ids"]]
+    lengths = sample_lengths(prepared.train)
     return {
         "rows_per_source_before_mixing": stats.rows_in_per_source,
         "rows_per_source_after_mixing": stats.rows_per_source,
@@ -108,6 +118,9 @@ def run_preview(recipe: Recipe, samples: int, as_json: bool, use_cache: bool = T
     from ftkit.data.pipeline import build_datasets
     from ftkit.train.model import load_tokenizer
 
+    if recipe.method != "sft":
+        from ftkit.data.preference import build_preference_datasets as build_datasets
+
     datasets.disable_progress_bars()
     tokenizer, chat_format, _ = load_tokenizer(recipe.model, recipe.data.chat_template, note,
                                                recipe.data.chat_template_kwargs)
@@ -144,4 +157,23 @@ def print_report(stats: dict, prepared, tokenizer, chat_format, samples: int) ->
     for i in range(min(samples, len(prepared.train))):
         row = prepared.train[i]
         console.rule(f"sample {i + 1} ([bold green]green[/] carries loss, grey is masked)")
-        console.print(render_sample(tokenizer, row["input_ids"], row["labels"]))
+        if "input_ids" in row:
+            console.print(render_sample(tokenizer, row["input_ids"], row["labels"]))
+        else:
+            console.print(preference_sample(tokenizer, row))
+
+
+def preference_sample(tokenizer, row: dict):
+    """A pair's chosen and rejected answers side by side after their shared prompt (KTO: the completion and its
+    label), each token by token with its mask."""
+    from rich.table import Table
+
+    prompt = row["prompt_ids"]
+    answers = [(key.removesuffix("_ids"), row[key]) for key in ("chosen_ids", "rejected_ids", "completion_ids")
+               if key in row]
+    table = Table(show_lines=True, expand=True)
+    for name, _ in answers:
+        label = "" if "label" not in row else (" (desirable)" if row["label"] else " (undesirable)")
+        table.add_column(name + label, ratio=1, overflow="fold")
+    table.add_row(*(render_sample(tokenizer, prompt + ids, [-100] * len(prompt) + ids) for _, ids in answers))
+    return table

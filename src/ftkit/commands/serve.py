@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ftkit import rundir
 from ftkit.commands import openai_schema as schema
 from ftkit.commands.openai_schema import ChatRequest, CompletionRequest, Sampling
 from ftkit.errors import FtkitError

@@ -1,8 +1,9 @@
 """The recipe's keys that ftkit owns, as dataclasses; `help` metadata is the reference documentation.
 
 Model keys mirror TRL's `ModelConfig` (a test checks that every one of its fields is here), data keys
-mirror alignment-handbook's `ScriptArguments`. Every other key belongs to TRL's `SFTConfig`, described
-in `sft_schema.json`.
+mirror alignment-handbook's `ScriptArguments`. Every other key belongs to the TRL config of the recipe's
+`method`: `SFTConfig` (`sft_schema.json`), or `DPOConfig`, `KTOConfig`, `ORPOConfig`, `CPOConfig` (SimPO)
+(`preference_schema.json`).
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes used to tokenise the data (datasets.map num_proc)."}
     )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Preference methods: the longest prompt in tokens; a longer one keeps its last tokens (those "
+                  "nearest the answer), then prompt + answer are cut to max_length. Older TRL's key, which TRL 1.16 "
+                  "dropped; ftkit applies it itself."},
+    )
     auto_insert_empty_system_msg: bool = field(
         default=False, metadata={"help": "Insert an empty system turn where a sample has none (alignment-handbook)."}
     )
@@ -141,6 +148,14 @@ class DataArguments:
 
 @dataclass
 class RunArguments:
+    method: str = field(
+        default="sft",
+        metadata={"help": "Training method: sft (supervised), or preference optimisation on chosen/rejected answers: "
+                  "dpo, kto (labelled completions), orpo, simpo (reference-free), cpo. Also read from axolotl's `rl` "
+                  "and LLaMA-Factory's `stage`. Without it, a recipe with a key only preference trainers have (beta, "
+                  "a DPO loss_type, max_prompt_length) is dpo.",
+                  "choices": ["sft", "dpo", "kto", "orpo", "simpo", "cpo"]},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Allow training into an output_dir that already holds a finished run. Off: ftkit refuses."},

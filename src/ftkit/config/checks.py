@@ -33,7 +33,35 @@ SEED_LIMIT = 2**32  # numpy's seeds
 
 def check(recipe: Recipe) -> Problems:
     return (check_model(recipe) + check_data(recipe) + check_training(recipe) + check_options(recipe)
-            + check_kernels(recipe))
+            + check_kernels(recipe) + check_preference(recipe))
+
+
+def check_preference(recipe: Recipe) -> Problems:
+    """Combinations TRL's preference trainers refuse only after the model loaded, and SFT-only data options."""
+    s, m, method, problems = recipe.sft, recipe.model, recipe.method, []
+    if method == "sft":
+        return []
+    if recipe.data.streaming:
+        problems.append(("streaming", f"{method} trains on tokenised pairs held in memory; set streaming: false"))
+    if recipe.data.train_on != "assistant":
+        problems.append(("train_on", f"{method} trains on the answers only; remove train_on"))
+    if s.get("beta") is not None and s["beta"] <= 0:
+        problems.append(("beta", f"must be > 0, got {s['beta']}"))
+    weights, losses = s.get("loss_weights"), s.get("loss_type")
+    if weights is not None and isinstance(losses, list) and len(weights) != len(losses):
+        problems.append(("loss_weights", f"gives {len(weights)} weight(s) for {len(losses)} loss_type(s); give one "
+                         "per loss"))
+    if s.get("sync_ref_model") and m.use_peft:
+        problems.append(("sync_ref_model", "needs full fine-tuning: with LoRA the reference is the model with its "
+                         "adapter off, so there is no reference copy to sync; set use_peft: false or remove it"))
+    if method == "kto" and s.get("loss_type", "kto") == "kto" and s.get("per_device_train_batch_size", 8) < 2:
+        problems.append(("per_device_train_batch_size", "KTO estimates its KL term from the other completions of a "
+                         "batch: it needs at least 2 per device"))
+    targets = m.lora_target_modules
+    if m.use_peft and method in ("dpo", "kto") and "lm_head" in ([targets] if isinstance(targets, str) else targets or []):
+        problems.append(("lora_target_modules", f"{method} reads lm_head's weight directly, so a LoRA adapter on it "
+                         "would never train; train it whole with lora_modules_to_save: [lm_head] instead"))
+    return problems
 
 
 def check_model(recipe: Recipe) -> Problems:
@@ -43,6 +71,8 @@ def check_model(recipe: Recipe) -> Problems:
     for key, needs in (("model_name_or_path", ("config.json",)),
                        ("tokenizer_name_or_path", ("tokenizer_config.json", "tokenizer.json"))):
         name = getattr(m, key)
+        if key == "model_name_or_path" and recipe.method != "sft" and name and is_run(name):
+            continue  # a preference run starts from a finished ftkit run (train/start.py)
         problem = local_dir_problem(name, needs) if name else None
         if problem:
             problems.append((key, problem))
@@ -64,6 +94,13 @@ def check_model(recipe: Recipe) -> Problems:
             recipe.notes.append(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} ignored without "
                                 "use_peft: true")
     return problems
+
+
+def is_run(name: str) -> bool:
+    from ftkit import rundir
+
+    path = Path(name).expanduser()
+    return path.is_dir() and rundir.state(path) == "finished"
 
 
 def local_dir_problem(name: str, needs: tuple[str, ...]) -> str | None:

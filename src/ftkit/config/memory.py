@@ -147,6 +147,19 @@ class Setup:
     batch: int
     max_length: int
     checkpointing: bool | None  # None: ftkit decides (on only where the run would not fit without it)
+    method: str = "sft"
+    reference: str = "none"  # preference methods: "copy" (a frozen copy of the weights), "adapter off", "precomputed"
+    sequences: int = 1  # sequences per sample in one training forward: 2 for chosen + rejected
+
+
+def reference_kind(method: str, use_peft: bool, sft: dict) -> str:
+    """What a preference method's reference model costs: DPO/KTO keep a frozen copy under full fine-tuning (unless
+    its log-probs are precomputed), reuse the weights with the adapter off under LoRA; ORPO/SimPO have none."""
+    if method not in ("dpo", "kto"):
+        return "none"
+    if use_peft:
+        return "adapter off"
+    return "precomputed" if sft.get("precompute_ref_log_probs") else "copy"
 
 
 def setup_from_recipe(recipe, hardware: Hardware = GPU_WITH_BF16) -> Setup:
@@ -163,7 +176,9 @@ def setup_from_recipe(recipe, hardware: Hardware = GPU_WITH_BF16) -> Setup:
         lora_targets=m.lora_target_modules or "all-linear", lora_dropout=m.lora_dropout, use_dora=m.use_dora,
         modules_to_save=list(m.lora_modules_to_save or []), optim=s.get("optim") or "adamw_torch_fused",
         batch=s.get("per_device_train_batch_size") or 8, max_length=recipe.sft_value("max_length") or 1024,
-        checkpointing=recipe.checkpointing(),
+        checkpointing=recipe.checkpointing(), method=recipe.method,
+        reference=reference_kind(recipe.method, m.use_peft, s),
+        sequences=2 if recipe.method in ("dpo", "orpo", "simpo", "cpo") else 1,  # chosen and rejected in one forward
     )
 
 
@@ -237,7 +252,7 @@ def trainable_parts(arch: Architecture, setup: Setup, notes: list[str]) -> dict:
 
 def activation_bytes(arch: Architecture, setup: Setup) -> tuple[float, float]:
     """-> (with gradient checkpointing, without) for batch x max_length tokens."""
-    abytes, tokens = DTYPE_BYTES[setup.compute_dtype], setup.batch * setup.max_length
+    abytes, tokens = DTYPE_BYTES[setup.compute_dtype], setup.batch * setup.sequences * setup.max_length
     h, i, q, kv = arch.hidden, arch.intermediate, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     norm = 3 * h if abytes < 4 else 2 * h  # input (kept in float32 by RMSNorm) and output
     attention = 3 * q + 3 * kv  # q, k, v; q, k after RoPE; attention output
@@ -258,7 +273,8 @@ def estimate(config: dict, setup: Setup) -> dict:
     trainable_bytes = parts["gradients"]  # one value per trainable parameter, in its dtype
     optim_mem, optim_label = optimizer_bytes(setup.optim, parts["trainable"], trainable_bytes, parts["matrices"])
     act_ckpt, act_full = activation_bytes(arch, setup)
-    fixed = weights + parts["memory"] + parts["gradients"] + optim_mem
+    reference = arch.total_params * DTYPE_BYTES[setup.weight_dtype] if setup.reference == "copy" else 0
+    fixed = weights + reference + parts["memory"] + parts["gradients"] + optim_mem
     totals = {True: fixed + act_ckpt, False: fixed + act_full}
     total_mem = totals[setup.checkpointing is not False]  # auto: the least the run needs, what "fits" means
     return {
@@ -268,13 +284,15 @@ def estimate(config: dict, setup: Setup) -> dict:
         "trainable_parameters": parts["trainable"],
         "lora_parameters": parts["trainable"] - parts["copies"] if setup.use_peft else 0,
         "bytes": {
-            "weights": weights, "trainable_copies": parts["memory"], "gradients": parts["gradients"],
+            "weights": weights, "reference_model": reference, "trainable_copies": parts["memory"],
+            "gradients": parts["gradients"],
             "optimizer_states": optim_mem, "activations_checkpointing": act_ckpt, "activations_no_checkpointing":
             act_full, "total": total_mem, "total_checkpointing": totals[True], "total_no_checkpointing": totals[False],
         },
         "labels": {"weights": weights_label, "optimizer": optim_label, "trainable": setup.trainable_dtype,
                    "activations": setup.compute_dtype},
-        "tokens_per_batch": setup.batch * setup.max_length,
+        "tokens_per_batch": setup.batch * setup.sequences * setup.max_length,
+        "reference": setup.reference,
         "fits": {name: fits(total_mem, size * GIB) for name, size in GPUS},
         "notes": notes,
     }

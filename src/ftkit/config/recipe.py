@@ -16,7 +16,8 @@ import yaml
 
 from ftkit.config import checks as recipe_checks
 from ftkit.config.arguments import DataArguments, ModelArguments, RunArguments
-from ftkit.config.schema import IGNORED, INT64, RENAMED, RENAMED_VALUES, SECTIONS, Recipe, key_table
+from ftkit.config.schema import (IGNORED, INT64, METHOD_ALIASES, METHOD_CONFIGS, PREFERENCE_DATA_KEYS,
+                                 RENAMED, RENAMED_VALUES, SECTIONS, Recipe, key_table, methods_with_key)
 from ftkit.errors import FtkitError
 from ftkit.files import read_text
 
@@ -54,11 +55,12 @@ def check_value(key: str, value: Any, kinds: list[str], choices: list | None) ->
         return f"must be a finite number, got {value}"
     if kind == "int" and not -INT64 <= value < INT64:  # torch, numpy and Arrow overflow past int64
         return f"{value} is out of range (the largest accepted number is {INT64 - 1})"
-    if choices and isinstance(value, str) and value not in choices:
-        close = difflib.get_close_matches(value, [str(c) for c in choices], n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        listed = ", ".join(str(c) for c in choices[:12]) + (", ..." if len(choices) > 12 else "")
-        return f"'{value}' is not one of: {listed}{hint}"
+    for item in (value if kind == "list" else [value]) if choices else []:  # a list's items (DPO's loss_type)
+        if isinstance(item, str) and item not in choices:
+            close = difflib.get_close_matches(item, [str(c) for c in choices], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            listed = ", ".join(str(c) for c in choices[:15]) + (", ..." if len(choices) > 15 else "")
+            return f"'{item}' is not one of: {listed}{hint}"
     return None
 
 
@@ -124,10 +126,11 @@ def rename_legacy(key: str, value: Any, notes: list[str], where: str) -> tuple[s
     return new, value
 
 
-def rename_value(key: str, value: Any, notes: list[str], where: str) -> Any:
-    """Map an older TRL name of a value to the current one, adding a one-line note."""
+def rename_value(key: str, value: Any, notes: list[str], where: str, choices: list | None = None) -> Any:
+    """Map an older TRL name of a value to the current one, adding a one-line note; only where the current name is
+    a value this method's key takes (SFT's loss_type chunked_nll is no DPO loss)."""
     new = RENAMED_VALUES.get(key, {}).get(value) if isinstance(value, str) else None
-    if new is None:
+    if new is None or (choices is not None and new not in choices):
         return value
     notes.append(f"{where}: {key} '{value}' is older TRL's name; renamed to '{new}'")
     return new
@@ -143,7 +146,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
     items = [(k, v, f"{label}:{lines[k]}" if k in lines else label) for k, v in data.items()]
     items += [(k, v, f"--set {k}") for k, v in extra.items()]
 
-    table, problems, notes = key_table(), [], []
+    problems, notes = [], []
+    items, method = resolve_method(items, notes, problems)
+    table = key_table(method)
     sections: dict[str, dict[str, Any]] = {name: {} for name in (*SECTIONS, "sft")}
     for key, value, where in items:
         if not isinstance(key, str):
@@ -155,16 +160,21 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
                 continue
             key, value = renamed
         if key not in table:
-            problems.append(f"{where}: unknown key '{key}'{suggest(key, table)}")
+            problems.append(f"{where}: {foreign_key(key, method) or 'unknown key ' + repr(key) + suggest(key, table)}")
+            continue
+        if key in PREFERENCE_DATA_KEYS and method == "sft" and value is not None:
+            problems.append(f"{where}: '{key}' applies to preference training only; set method: dpo (or kto, orpo, "
+                            "simpo), or remove it")
             continue
         section, kinds, choices = table[key]
-        value = coerce(rename_value(key, value, notes, where), kinds)
+        value = coerce(rename_value(key, value, notes, where, choices), kinds)
         problem = check_value(key, value, kinds, choices)
         if problem:
             problems.append(f"{where}: '{key}': {problem}")
             continue
         sections[section][key] = value
 
+    sections["run"].setdefault("method", method)  # inferred, or the default
     recipe = Recipe(
         model=ModelArguments(**sections["model"]),
         data=DataArguments(**sections["data"]),
@@ -178,6 +188,51 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
     if problems:
         raise FtkitError(*problems)
     return recipe
+
+
+def resolve_method(items: list, notes: list[str], problems: list[str]) -> tuple[list, str]:
+    """The recipe's method: `method` (or a peer's alias for it), else dpo when a key only preference trainers have is
+    present, else sft. -> (items with any alias renamed to `method`, method)."""
+    given = []
+    for i, (key, value, where) in enumerate(items):
+        if key in METHOD_ALIASES:
+            notes.append(f"{where}: '{key}' ({METHOD_ALIASES[key]}'s name) read as 'method'")
+            items[i] = ("method", value, where)
+        if items[i][0] == "method":
+            given.append(items[i])
+    if len(given) > 1:
+        problems.append(f"{given[1][2]}: the method is given twice (also at {given[0][2]}); keep one")
+    if given:
+        value = given[-1][1]
+        if value == "ipo":
+            problems.append(f"{given[-1][2]}: 'method': IPO is DPO with another loss: set method: dpo and "
+                            "loss_type: ipo")
+        return items, value if value in METHOD_CONFIGS else "sft"  # a bad value is reported by the key check
+    sft_table, dpo_table = key_table("sft"), key_table("dpo")
+    for key, value, where in items:
+        if key in PREFERENCE_DATA_KEYS or (key in dpo_table and key not in sft_table) or (
+                key == "loss_type" and is_dpo_loss(value)):
+            notes.append(f"{where}: method dpo inferred from '{key}', which only preference trainers take; set "
+                         "method: (dpo, kto, orpo, simpo) to choose")
+            return items, "dpo"
+    return items, "sft"
+
+
+def is_dpo_loss(value: Any) -> bool:
+    """A loss_type value (or list of them) that DPO has and SFT does not."""
+    dpo, sft = key_table("dpo")["loss_type"][2] or [], key_table("sft")["loss_type"][2] or []
+    values = value if isinstance(value, list) else [value]
+    return bool(values) and all(isinstance(v, str) and v in dpo and v not in sft for v in values)
+
+
+def foreign_key(key: str, method: str) -> str | None:
+    """'KEY' is another method's key: say whose, and what to do; None when no method has it."""
+    owners = [m for m in methods_with_key(key) if m != method]
+    if not owners:
+        return None
+    names = ", ".join(f"{m} ({METHOD_CONFIGS[m]})" for m in owners)
+    fix = "set method: " + " or ".join(owners[:3]) if method == "sft" or owners != ["sft"] else "remove it"
+    return f"'{key}' is a key of method {names}, not of {method} ({METHOD_CONFIGS[method]}); {fix}"
 
 
 def suggest(key: str, table: dict) -> str:

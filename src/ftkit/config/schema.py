@@ -48,18 +48,41 @@ EXTRA_KINDS = {"resume_from_checkpoint": ["bool"]}
 SECRET_PATTERN = re.compile(r"(token|secret|password|api_key)$")
 INT64 = 2**63
 SECTIONS = {"model": ModelArguments, "data": DataArguments, "run": RunArguments}
+# method -> the TRL config whose fields it takes (a snapshot in preference_schema.json); SimPO is CPO's simpo loss.
+METHOD_CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "kto": "KTOConfig", "orpo": "ORPOConfig",
+                  "simpo": "CPOConfig", "cpo": "CPOConfig"}
+PREFERENCE_METHODS = ("dpo", "kto", "orpo", "simpo", "cpo")
+# Peers' names for `method` (axolotl rl, LLaMA-Factory stage); read as method with a one-line note.
+METHOD_ALIASES = {"rl": "axolotl", "stage": "LLaMA-Factory", "trainer": "trainer"}
+# Keys no TRL config has any more that only preference recipes carry; they make ftkit infer method dpo.
+PREFERENCE_DATA_KEYS = ("max_prompt_length",)
+
+
+def _own_fields(fields: dict) -> dict:
+    """A config's fields less those ftkit owns (one owner per key: ours wins) and old names it renames."""
+    ours = {name for cls in SECTIONS.values() for name in cls.__dataclass_fields__}
+    return {k: v for k, v in fields.items() if k not in RENAMED and k not in IGNORED and k not in ours}
 
 
 @lru_cache(maxsize=1)
 def sft_schema() -> dict[str, dict]:
     """SFTConfig's fields, from the snapshot scripts/gen_sft_schema.py wrote (no trl import)."""
     text = (Path(__file__).parent / "sft_schema.json").read_text(encoding="utf-8")
-    fields = json.loads(text)["fields"]
-    ours = {name for cls in SECTIONS.values() for name in cls.__dataclass_fields__}
-    for key in list(fields):
-        if key in RENAMED or key in IGNORED or key in ours:  # one owner per key: ours wins
-            fields.pop(key)
-    return fields
+    return _own_fields(json.loads(text)["fields"])
+
+
+@lru_cache(maxsize=None)
+def method_schema(method: str = "sft") -> dict[str, dict]:
+    """The fields of the TRL config a method trains with, from the snapshots (no trl import)."""
+    if method == "sft":
+        return sft_schema()
+    text = (Path(__file__).parent / "preference_schema.json").read_text(encoding="utf-8")
+    entry = json.loads(text)["methods"]["cpo" if method == "simpo" else method]
+    sft_raw = json.loads((Path(__file__).parent / "sft_schema.json").read_text(encoding="utf-8"))["fields"]
+    fields = {name: sft_raw[name] for name in entry["shared_with_sft"]} | entry["fields"]
+    if method == "simpo":  # CPOConfig's loss_type chooses SimPO's loss; ftkit's method default sets it
+        fields["loss_type"] = {**fields["loss_type"], "default": "simpo", "choices": ["simpo", "alphapo"]}
+    return _own_fields(fields)
 
 
 def yaml_kinds(tp) -> list[str]:
@@ -82,16 +105,22 @@ def yaml_kinds(tp) -> list[str]:
     return ["object"]
 
 
-@lru_cache(maxsize=1)
-def key_table() -> dict[str, tuple[str, list[str], list | None]]:
-    """Every valid key -> (owner section, accepted kinds, choices)."""
+@lru_cache(maxsize=None)
+def key_table(method: str = "sft") -> dict[str, tuple[str, list[str], list | None]]:
+    """Every valid key of a method's recipe -> (owner section, accepted kinds, choices). Trainer config keys are
+    owned by section "sft" whatever the method (Recipe.sft holds them)."""
     table: dict[str, tuple[str, list[str], list | None]] = {}
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             table[f.name] = (section, yaml_kinds(f.type), f.metadata.get("choices"))
-    for name, spec in sft_schema().items():
+    for name, spec in method_schema(method).items():
         table.setdefault(name, ("sft", spec["kinds"] + EXTRA_KINDS.get(name, []), spec["choices"]))
     return table
+
+
+def methods_with_key(key: str) -> list[str]:
+    """The methods whose trainer config has `key` (for "belongs to method X" messages)."""
+    return [m for m in METHOD_CONFIGS if key in method_schema(m)]
 
 
 @dataclass
@@ -99,7 +128,7 @@ class Recipe:
     model: ModelArguments
     data: DataArguments
     run: RunArguments
-    sft: dict[str, Any]  # SFTConfig keys the recipe sets, checked against the schema
+    sft: dict[str, Any]  # the method's trainer config keys the recipe sets (SFTConfig, DPOConfig, ...), checked
     path: Path | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -108,9 +137,13 @@ class Recipe:
         stem = self.path.stem if self.path else "run"
         return Path(out) if out else Path("runs") / stem
 
+    @property
+    def method(self) -> str:
+        return self.run.method
+
     def sft_value(self, key: str) -> Any:
-        """The recipe's value of an SFTConfig key, else TRL's own default (from the schema snapshot)."""
-        return self.sft[key] if key in self.sft else sft_schema()[key]["default"]
+        """The recipe's value of a trainer config key, else TRL's own default for this method (from the snapshot)."""
+        return self.sft[key] if key in self.sft else method_schema(self.method)[key]["default"]
 
     def checkpointing(self) -> bool | None:
         """Gradient checkpointing under either name (transformers 5.23 renamed it activation_checkpointing);

@@ -137,13 +137,45 @@ def load_adapter_model(adapter: Path, base: str | None, meta: dict, tokenizer, t
     from ftkit.hub import prepare_hub_access
 
     prepare_hub_access([base_name], log=lambda msg: print(msg, file=sys.stderr))
-    model = load_base(base_name, torch_dtype, trust_remote_code, quant)
-    rows = meta.get("embedding_rows") or len(tokenizer)
-    if model.get_input_embeddings().weight.shape[0] != rows:
-        model.resize_token_embeddings(rows, mean_resizing=False)
+    model = run_base(adapter, base_name, meta, torch_dtype, trust_remote_code, quant)
+    fit_rows(model, meta.get("embedding_rows") or len(tokenizer))
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(adapter))
+
+
+def run_base(adapter: Path, base_name: str, meta: dict, torch_dtype, trust: bool, quant=None):
+    """The model a run's adapter applies to: the base, with the adapters of the runs it started from merged in, in
+    order (`base_adapters` in ftkit_run.json: a preference run started from an SFT adapter). Such a base loads
+    unquantised: folding an adapter into 4-bit weights would round the adapter's update away."""
+    chain = meta.get("base_adapters") or []
+    model = load_base(base_name, torch_dtype, trust, None if chain else quant)
+    if chain:
+        from peft import PeftModel
+
+        home = rundir.run_file(adapter, rundir.DONE)
+        for item in chain:
+            folder = (home.parent if home else adapter) / item["path"]
+            if not (folder / "adapter_config.json").is_file():
+                raise FtkitError(f"{folder}: the adapter this run was trained on top of is missing; copy the run "
+                                 "directory whole")
+            fit_rows(model, item["embedding_rows"])
+            model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    return model
+
+
+def fit_rows(model, rows: int) -> None:
+    """Resize the embeddings to the rows a run was trained with (tokens it added)."""
+    if rows and model.get_input_embeddings().weight.shape[0] != rows:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+
+
+def merged_run(run_dir: Path, torch_dtype, trust: bool = False):
+    """A finished adapter run as one plain model (base, earlier adapters and its own, merged): what a preference run
+    starts from."""
+    tokenizer = open_tokenizer(run_dir)
+    meta = rundir.run_metadata(run_dir)
+    return load_adapter_model(run_dir, None, meta, tokenizer, torch_dtype, None, trust).merge_and_unload()
 
 
 def load_base(name: str, torch_dtype, trust: bool, quant=None):

@@ -62,8 +62,11 @@ def set_checkpointing(args: dict, enabled: bool, name: str) -> None:
         args[f"{name}_kwargs"] = kwargs or {"use_reentrant": False}
 
 
-def sft_config(recipe: Recipe, precision, out: Path, has_eval: bool):
+def sft_config(recipe: Recipe, precision, out: Path, has_eval: bool, config_class=None, method_args=None):
+    """The trainer's config: SFTConfig, or the preference method's `config_class` with `method_args` applied."""
     from trl import SFTConfig
+
+    config_class = config_class or SFTConfig
 
     args = {k: v for k, v in recipe.sft.items() if k not in HANDLED_SFT_KEYS}
     args.pop("resume_from_checkpoint", None)
@@ -74,13 +77,15 @@ def sft_config(recipe: Recipe, precision, out: Path, has_eval: bool):
     if not has_eval and args.get("eval_strategy", "no") != "no":
         raise FtkitError("eval_strategy is set but there is no eval split: add a test split to dataset_splits "
                          "or set test_split_size")
-    set_checkpointing(args, recipe.checkpointing(), checkpointing_name(SFTConfig))
+    if method_args is not None:
+        args = method_args(args)
+    set_checkpointing(args, recipe.checkpointing(), checkpointing_name(config_class))
     if args.get("padding_free") and not args.get("packing"):
         args["max_length"] = None  # TRL refuses padding_free with a max_length it cannot enforce; ftkit's data did
     for key, value in SFT_DEFAULTS.items():
         args.setdefault(key, value)
     args = train_options.apply(recipe, args)  # early stopping: load_best_model_at_end, checkpoints per evaluation
     try:
-        return SFTConfig(**args)
+        return config_class(**args)
     except (ValueError, TypeError) as err:
         raise FtkitError(f"training arguments rejected: {str(err).splitlines()[0]}") from None

@@ -21,6 +21,8 @@ from ftkit import __version__, rundir
 from ftkit.config import quantization
 from ftkit.rundir import write_atomic, write_json_atomic
 from ftkit.train import options as train_options
+from ftkit.train.preference import preference_figures
+from ftkit.train.start import start_metadata
 
 
 def peak_memory_mb() -> float:
@@ -59,7 +61,13 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps, losses, eval_steps, eval_losses = loss_points(log_history)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    from ftkit.train.preference import plot_preference
+
+    preference = bool(preference_figures(log_history))
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    if preference:
+        plot_preference(axes[0][1], log_history)
     ax.plot(steps, losses, label="train loss")
     if eval_steps:
         ax.plot(eval_steps, eval_losses, "o-", label="eval loss")
@@ -120,6 +128,7 @@ def run_metadata(recipe, chat_format, model, precision) -> dict:
         "trust_remote_code": recipe.model.trust_remote_code,  # chat & co. still need --trust-remote-code
         "system_prompt": recipe.data.system_prompt,  # chat/predict default to it: inference matches training
         "chat_template_kwargs": chat_format.template_kwargs or None,  # every later rendering uses them
+        **start_metadata(recipe),  # a run started from another: the base and the adapters merged into it
     }
 
 
@@ -158,10 +167,11 @@ def build_summary(trainer, data_stats, result, started: float) -> dict:
         "wall_time_s": round(time.time() - started, 2),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "train_losses": [[step, loss] for step, loss in zip(steps, losses)],
+        **preference_figures(state.log_history),  # rewards, margin, accuracy per logged step (preference methods)
         "data": asdict(data_stats),
         "seed": trainer.args.seed,
         "warnings": training_warnings(state.log_history, trainer.model.get_input_embeddings().weight.shape[0],
-                                      trainer.args.loss_type),
+                                      getattr(trainer.args, "loss_type", "nll")),
     }
 
 
@@ -177,6 +187,10 @@ def print_summary(summary: dict, out: Path, log=print) -> None:
         log(f"train loss {first:.4f} -> {loss:.4f}"
             + (f", eval loss {summary['final_eval_loss']:.4f}" if summary["final_eval_loss"] is not None else "")
             + (f" (perplexity {summary['final_eval_perplexity']:.2f})" if summary.get("final_eval_perplexity") else ""))
+    if summary.get("final_reward_margin") is not None:
+        log(f"reward margin {summary['final_reward_margin']:.4f} (chosen {summary.get('final_rewards_chosen', 0):.4f}, "
+            f"rejected {summary.get('final_rewards_rejected', 0):.4f})"
+            + (f", pairs ranked right {summary['final_reward_accuracy']:.0%}" if "final_reward_accuracy" in summary else ""))
     if summary.get("early_stopped_at_step"):
         log(f"early stopping ended the run at step {summary['early_stopped_at_step']}; kept the best checkpoint "
             f"{summary.get('best_checkpoint')} (eval loss {summary.get('best_eval_loss', float('nan')):.4f})")

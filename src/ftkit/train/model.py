@@ -130,17 +130,32 @@ def fit_embeddings(model, tokenizer, log=print) -> bool:
 
 def apply_peft(model, model_args: ModelArguments, new_tokens: bool, gradient_checkpointing: bool, log=print):
     """LoRA/DoRA/rsLoRA; when tokens were added, embed_tokens and lm_head are trained and saved too."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if model_args.load_in_4bit or model_args.load_in_8bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model = prepare_kbit(model, model_args, gradient_checkpointing)
+    return get_peft_model(model, lora_config(model, model_args, new_tokens, log))
+
+
+def prepare_kbit(model, model_args: ModelArguments, gradient_checkpointing: bool):
+    """peft's preparation of a 4-/8-bit model for training (norms and head in float32, input gradients)."""
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def lora_config(model, model_args: ModelArguments, new_tokens: bool, log=print):
+    """The recipe's LoraConfig (for a trainer that wraps the model itself)."""
+    from peft import LoraConfig
+
     to_save = list(model_args.lora_modules_to_save or [])
     if new_tokens:
         for name in embedding_module_names(model):
             if name not in to_save:
                 to_save.append(name)
                 log(f"note: '{name}' is trained in full and saved with the adapter, so the new tokens are learned")
-    config = LoraConfig(
+    return LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
@@ -151,7 +166,6 @@ def apply_peft(model, model_args: ModelArguments, new_tokens: bool, gradient_che
         use_rslora=model_args.use_rslora,
         use_dora=model_args.use_dora,
     )
-    return get_peft_model(model, config)
 
 
 def embedding_module_names(model) -> list[str]:

@@ -49,13 +49,15 @@ def eval_summary(trainer) -> dict:
     """Eval loss and perplexity per evaluation, the best checkpoint, and whether early stopping ended the run."""
     state = trainer.state
     evals = [(e["step"], e["eval_loss"]) for e in state.log_history if "eval_loss" in e]
-    out: dict = {"final_eval_perplexity": perplexity(evals[-1][1]) if evals else None}
+    # a preference loss is no token cross-entropy: no perplexity for it
+    ppl = perplexity if type(trainer.args).__name__ == "SFTConfig" else (lambda loss: None)
+    out: dict = {"final_eval_perplexity": ppl(evals[-1][1]) if evals else None}
     if evals:
-        out["eval_losses"] = [[step, loss, perplexity(loss)] for step, loss in evals]
+        out["eval_losses"] = [[step, loss, ppl(loss)] for step, loss in evals]
     metric = trainer.args.metric_for_best_model
     if trainer.args.load_best_model_at_end and metric in ("loss", "eval_loss") and state.best_metric is not None:
         out["best_eval_loss"] = state.best_metric
-        out["best_eval_perplexity"] = perplexity(state.best_metric)
+        out["best_eval_perplexity"] = ppl(state.best_metric)
         out["best_checkpoint"] = state.best_model_checkpoint
     stopper = next((c for c in trainer.callback_handler.callbacks if hasattr(c, "stopped_at")), None)
     if stopper is not None:

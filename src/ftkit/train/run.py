@@ -69,6 +69,11 @@ def train_stages(recipe: Recipe, use_cache: bool, recipe_path: Path | None, disp
     from ftkit.data.pipeline import build_datasets
     from ftkit.train.model import load_tokenizer
     from ftkit.train.samples import before_training
+    from ftkit.train.start import check_start, copy_chain
+
+    check_start(recipe)
+    if recipe.method != "sft":
+        from ftkit.data.preference import build_preference_datasets as build_datasets
 
     log = display
     precision = training_precision(recipe.model, recipe.sft, detect_hardware(bool(recipe.sft.get("use_cpu"))))
@@ -85,13 +90,15 @@ def train_stages(recipe: Recipe, use_cache: bool, recipe_path: Path | None, disp
     with state.main_process_first():
         data = build_datasets(recipe, chat_format, use_cache, log)
     display.phase(f"loading model {recipe.model.model_name_or_path}")
-    model = prepare_model(recipe, precision, tokenizer, bool(added), data, state.local_process_index, log)
+    model = prepare_model(recipe, precision, tokenizer, bool(added), data, state.local_process_index, log, out)
+    lora = trainer_lora(model, recipe, bool(added), log)
     if state.is_main_process:
         open_run_dir(out, action, log)
+        copy_chain(recipe, out)
         display.attach_log(out / "train.log", log_header(recipe))
     state.wait_for_everyone()
     display.phase("preparing the trainer")
-    trainer, loss_guard, interrupt = build_trainer(recipe, model, tokenizer, precision, state, out, data, log,
+    trainer, loss_guard, interrupt = build_trainer(recipe, model, tokenizer, precision, state, out, data, log, lora,
                                                    display)
     if data.eval_conversations and recipe.run.eval_samples != 0:
         display.phase("answering eval prompts before training")
@@ -176,30 +183,46 @@ def check_token_ids(dataset, model, top: int | None = None) -> None:
                          "does not match the model: check tokenizer_name_or_path")
 
 
-def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, device_index: int, log=print):
-    """The model loaded, its embeddings fitted to the tokenizer, every token id checked, ftkit's defaults decided,
-    PEFT applied."""
+def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, device_index: int, log=print,
+                  out: Path | None = None):
+    """The model loaded (a finished run's model when the recipe starts from one), its embeddings fitted to the
+    tokenizer, every token id checked, ftkit's defaults decided, PEFT applied (DPO and KTO apply it themselves:
+    trainer_lora)."""
     from ftkit.train.defaults import choose_padding_free, resolve_checkpointing
-    from ftkit.train.model import apply_peft, fit_embeddings, load_model, trainable_summary
+    from ftkit.train.model import apply_peft, fit_embeddings, prepare_kbit, trainable_summary
     from ftkit.train.packing import check_packing
+    from ftkit.train.start import load_policy
 
-    model = load_model(recipe.model, precision, device_index, recipe.sft.get("model_init_kwargs"))
+    model = load_policy(recipe, precision, device_index, out or recipe.output_dir(), log)
     fit_embeddings(model, tokenizer, log)
     if not recipe.data.streaming:  # a stream cannot be scanned ahead; fit_embeddings still bounds every id
         check_token_ids(data.train, model, data.stats.max_token_id)
         log(data_summary(data.stats))
     checkpointing = resolve_checkpointing(model, recipe, precision, device_index, log)
+    if recipe.method in ("dpo", "kto") and recipe.model.use_peft:  # TRL wraps it: the reference is the adapter off
+        return prepare_kbit(model, recipe.model, checkpointing)
     if recipe.model.use_peft:
         model = apply_peft(model, recipe.model, new_tokens, checkpointing, log)
     log(trainable_summary(model))
-    check_packing(model, recipe, log)  # before the run directory is claimed
-    choose_padding_free(model, recipe, log)
+    if recipe.method == "sft":
+        check_packing(model, recipe, log)  # before the run directory is claimed
+        choose_padding_free(model, recipe, log)
     return model
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path, data, log=print, display=None):
-    """TRL's SFTTrainer with ftkit's loss fallback and callbacks, its progress shown on `display` (when given)
-    instead of transformers' bar; -> (trainer, NaN guard, Ctrl-C handler)."""
+def trainer_lora(model, recipe: Recipe, new_tokens: bool, log=print):
+    """The LoRA config DPO and KTO apply themselves, so their reference is the model with the adapter off."""
+    if recipe.method not in ("dpo", "kto") or not recipe.model.use_peft:
+        return None
+    from ftkit.train.model import lora_config
+
+    return lora_config(model, recipe.model, new_tokens, log)
+
+
+def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path, data, log=print, lora=None,
+                  display=None):
+    """TRL's SFTTrainer (or the method's preference trainer) with ftkit's callbacks, its progress shown on
+    `display` (when given) instead of transformers' bar; -> (trainer, NaN guard, Ctrl-C handler)."""
     from trl import SFTTrainer
 
     from ftkit.train import options as train_options
@@ -207,18 +230,27 @@ def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path,
     from ftkit.train.callbacks import InterruptCheckpoint, NonFiniteLossGuard, replace_progress_callbacks
     from ftkit.train.loss import count_step_tokens
 
-    config = sft_config(recipe, precision, out, data.eval is not None)
+    loss_guard, interrupt = NonFiniteLossGuard(), InterruptCheckpoint()
+    callbacks = [loss_guard, interrupt, *train_options.callbacks(recipe)]
+    if recipe.method != "sft":
+        from ftkit.train.model import trainable_summary
+        from ftkit.train.preference import build_preference_trainer
+
+        trainer = build_preference_trainer(recipe, model, tokenizer, precision, out, data, lora, callbacks, log)
+        if lora is not None:
+            log(trainable_summary(trainer.model))
+    else:
+        trainer = SFTTrainer(model=model, args=sft_config(recipe, precision, out, data.eval is not None),
+                             train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+                             callbacks=callbacks)
+    config = trainer.args
     per_device, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
     log(f"effective batch size: {per_device} per device x {state.num_processes} process(es) x {accumulation} "
         f"accumulation = {per_device * state.num_processes * accumulation}; precision {precision.dtype} weights"
         + (", bf16 mixed" if precision.bf16 else ", fp16 mixed" if precision.fp16 else "") + f" on {precision.device}")
-    loss_guard, interrupt = NonFiniteLossGuard(), InterruptCheckpoint()
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data.train, eval_dataset=data.eval,
-                         processing_class=tokenizer,
-                         callbacks=[loss_guard, interrupt, *train_options.callbacks(recipe)])
     if display is not None:
         replace_progress_callbacks(trainer, display)
     train_options.fix_quantized_trainable_dtype(trainer.model, precision, log)  # TRL casts them to bf16
-    if count_step_tokens(trainer):
+    if recipe.method == "sft" and count_step_tokens(trainer):
         log("note: this model's forward takes no loss kwargs; ftkit normalises the loss by the step's trained tokens")
     return trainer, loss_guard, interrupt

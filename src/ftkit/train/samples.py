@@ -19,18 +19,29 @@ from ftkit.rundir import write_atomic, write_json_atomic
 @dataclass
 class Sample:
     prompt: list[dict]
-    reference: str
+    reference: str  # the answer trained on: SFT's (a tool call or reasoning as the template renders it), or the chosen one
     tools: list | None = None
     kwargs: dict | None = None  # the row's chat_template_kwargs
     before: str = ""
     after: str = ""
+    rejected: str | None = None  # a preference pair's rejected answer
 
 
 def pick_samples(chat_format, conversations: list[dict], count: int) -> list[Sample]:
-    """The first `count` eval conversations, cut before their last assistant turn; the reference is what the model
-    is trained to write there (with a tool call or reasoning, the template's rendering of it)."""
+    """The first `count` eval rows: a conversation cut before its last assistant turn, whose reference is what the
+    model is trained to write there (with a tool call or reasoning, the template's rendering of it); or a
+    preference row (a prompt with chosen and rejected answers, or KTO's desirable completions)."""
     samples = []
-    for row in conversations[:count]:
+    for row in conversations:
+        if len(samples) == count:
+            break
+        if "messages" not in row:  # data/preference.py's rows
+            if row.get("label") is False:
+                continue
+            answer = row.get("chosen") or row["completion"]
+            rejected = row["rejected"]["content"] if "rejected" in row else None
+            samples.append(Sample(prompt=row["prompt"], reference=answer["content"], rejected=rejected))
+            continue
         messages, tools, kwargs = row["messages"], row.get("tools"), row.get("chat_template_kwargs")
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         reference = chat_format.answer(messages[: last + 1], tools, kwargs).strip()
@@ -52,8 +63,9 @@ def write_markdown(samples: list[Sample], path: Path) -> None:
     lines = ["# Eval samples: before and after training", ""]
     for i, s in enumerate(samples, 1):
         question = s.prompt[-1]["content"] if s.prompt else ""
-        lines += [f"## {i}. {question}", "", f"**reference**: {s.reference}", "", f"**before**: {s.before}", "",
-                  f"**after**: {s.after}", ""]
+        reference = ([f"**chosen**: {s.reference}", "", f"**rejected**: {s.rejected}"] if s.rejected is not None
+                     else [f"**reference**: {s.reference}"])
+        lines += [f"## {i}. {question}", "", *reference, "", f"**before**: {s.before}", "", f"**after**: {s.after}", ""]
     write_atomic(path, "\n".join(lines))
 
 
