@@ -123,8 +123,8 @@ def test_before_after_table_aligns_chinese_text_by_terminal_cells():
     from ftkit.commands.predict import clip
     from ftkit.train.samples import Sample, table
 
-    rows = table([Sample([], "疑是地上霜。舉頭望明月，低頭思故鄉。" * 3, "abc", "疑是地上霜。"),
-                  Sample([], "The capital of Ftkitland is Tinyville.", "佐布星有三個月亮。", "食咗喇，唔該晒！")],
+    rows = table([Sample([], "疑是地上霜。舉頭望明月，低頭思故鄉。" * 3, before="abc", after="疑是地上霜。"),
+                  Sample([], "The capital of Ftkitland is Tinyville.", before="佐布星有三個月亮。", after="食咗喇，唔該晒！")],
                  width=20).splitlines()
     separators = [[cell_len(line[:i]) for i in range(len(line)) if line.startswith(" | ", i)] for line in rows]
     assert separators == [[20, 43]] * 3, rows

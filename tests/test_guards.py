@@ -284,7 +284,7 @@ def test_first_logged_loss_is_the_hand_computed_loss_on_ftkit_masks(tiny_model, 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     total, count = 0.0, 0
     for row in rows():
-        encoded = chat_format.encode(row["messages"])
+        [encoded] = chat_format.encode(row["messages"])
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([encoded.input_ids])).logits[0, :-1]
         labels = torch.tensor(encoded.labels[1:])

@@ -73,7 +73,7 @@ def test_a_key_of_another_method_names_that_method(tmp_path):
     path = recipe_text(tmp_path, "method: sft\nmax_prompt_length: 10\n")
     assert problems(path)[0].endswith("'max_prompt_length' applies to preference training only; set method: dpo (or "
                                       "kto, orpo, simpo), or remove it")
-    assert problems(recipe_text(tmp_path, "method: dpo\nbeat: 0.1\n"))[0].endswith("(did you mean 'beta'?)")
+    assert problems(recipe_text(tmp_path, "method: dpo\nbeat: 0.1\n"))[0].endswith("(did you mean 'beta'? see: ftkit keys beta)")
 
 
 def test_loss_type_validates_against_the_methods_own_values(tmp_path):
@@ -156,7 +156,7 @@ def test_chosen_and_rejected_carry_exactly_their_answer_and_end_of_turn(tmp_path
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
         row = by_prompt[chat_format.prompt(messages)]
         for ids, text in ((row["chosen_ids"], short), (row["rejected_ids"], answer)):
-            sft = chat_format.encode(messages + [{"role": "assistant", "content": text}])  # SFT's exact masks
+            [sft] = chat_format.encode(messages + [{"role": "assistant", "content": text}])  # SFT's exact masks
             first = next(i for i, label in enumerate(sft.labels) if label != -100)
             assert row["prompt_ids"] == sft.input_ids[:first]
             assert ids == [label for label in sft.labels if label != -100]
@@ -211,7 +211,7 @@ def test_samples_md_shows_chosen_and_rejected(tmp_path):
 
     rows = [normalise_row(preference_rows()[0], PAIRED, None), {"prompt": [], "completion": {"content": "no"},
                                                                   "label": False}]
-    picked = pick_samples(rows, 5)  # an undesirable KTO completion is no reference
+    picked = pick_samples(None, rows, 5)  # an undesirable KTO completion is no reference
     assert len(picked) == 1
     picked[0].before, picked[0].after = "old", SHORT_ANSWERS[0]
     write_markdown(picked, tmp_path / "samples.md")

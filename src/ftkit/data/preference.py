@@ -154,7 +154,7 @@ def load_preference_mixture(specs: list[SourceSpec], recipe, seed: int) -> tuple
 def answer_ids(chat_format: ChatFormat, prompt: list[dict], answers: list[dict]) -> tuple[list[list[int]], list]:
     """Each answer rendered after the prompt with ftkit's SFT masks -> (prompt ids of each rendering, the answer's
     trained ids: its text and the end-of-turn token, nothing after)."""
-    items = [chat_format.assistant_spans(prompt + [answer], "last_assistant") for answer in answers]
+    items = [chat_format.samples(prompt + [answer], "last_assistant")[0] for answer in answers]
     prompts, trained = [], []
     for enc in chat_format.encode_texts(items):
         marked = [i for i, label in enumerate(enc.labels) if label != -100]
