@@ -409,7 +409,7 @@ def test_tool_files_and_template_kwargs_on_the_command_line_are_checked(tmp_path
 
 def test_source_tools_apply_to_rows_without_their_own(tmp_path):
     from ftkit.data.loading import load_mixture
-    from ftkit.data.sources import SourcesError, mixture_entry
+    from ftkit.config.sources import SourcesError, mixture_entry
 
     (tmp_path / "tools.json").write_text(json.dumps([WEATHER]))
     rows = [{"messages": [USER, {"role": "assistant", "content": "a"}]},

@@ -9,7 +9,7 @@ import pytest
 
 from ftkit.data.formats import BadRow, detect_format, to_internal
 from ftkit.data.loading import load_mixture
-from ftkit.data.sources import SourceSpec
+from ftkit.config.sources import SourceSpec
 from ftkit.errors import FtkitError
 from tests.helpers import ftkit, write_jsonl
 
@@ -135,7 +135,7 @@ def test_cache_key_changes_with_everything_that_changes_tokens(tmp_path, tiny_mo
 
     from ftkit.data import pipeline
     from ftkit.data.chat_format import ChatFormat
-    from ftkit.data.templates import BUILTIN_TEMPLATES
+    from ftkit.config.templates import BUILTIN_TEMPLATES
     from ftkit.config.recipe import load_recipe
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "a": "y"}])
@@ -210,7 +210,7 @@ def test_builtin_templates_render_exactly(name):
     """Rendered as transformers renders chat templates (sandboxed Jinja, trim_blocks, lstrip_blocks)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from ftkit.data.templates import BUILTIN_TEMPLATES
+    from ftkit.config.templates import BUILTIN_TEMPLATES
 
     def raise_exception(message):
         raise ValueError(message)
@@ -231,12 +231,12 @@ def test_builtin_templates_are_the_package_jinja_files_and_need_no_torch():
 
     from tests.helpers import ROOT
 
-    code = ("import json, sys; from ftkit.data.templates import BUILTIN_TEMPLATES, resolve_template; "
+    code = ("import json, sys; from ftkit.config.templates import BUILTIN_TEMPLATES, resolve_template; "
             "print(json.dumps([BUILTIN_TEMPLATES, resolve_template('gemma'), "
             "[m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]]))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     templates, gemma, heavy = json.loads(result.stdout)
-    folder = ROOT / "src" / "ftkit" / "data" / "templates"
+    folder = ROOT / "src" / "ftkit" / "config" / "templates"
     files = {p.stem: p.read_text(encoding="utf-8") for p in folder.glob("*.jinja")}
     assert list(templates) == ["chatml", "llama3", "gemma", "llama2", "alpaca"]  # the order errors list them in
     assert templates == {name: text.removesuffix("\n") for name, text in files.items()}

@@ -8,7 +8,8 @@ import warnings
 
 import pytest
 
-from ftkit.train.display import RunDisplay, StepReport, duration, eval_line, step_line
+from ftkit.train.display import RunDisplay
+from ftkit.train.step_lines import StepReport, duration, eval_line, step_line
 from tests.helpers import ftkit, make_recipe, parse_step_line
 
 BAR_TEXT = ("it/s]", "%|", "Loading weights", "Tokenising", "Generating train split", "Filter", "Map",

@@ -7,7 +7,7 @@ import pytest
 
 from ftkit.config.arguments import ModelArguments
 from ftkit.data.chat_format import ChatFormat
-from ftkit.data.templates import BUILTIN_TEMPLATES
+from ftkit.config.templates import BUILTIN_TEMPLATES
 from ftkit.train.model import load_tokenizer
 
 CONVERSATION = [

@@ -241,7 +241,7 @@ def test_precision_rule_on_each_kind_of_hardware():
 
 
 def test_perplexity():
-    from ftkit.train.options import perplexity
+    from ftkit.inference.metrics import perplexity
 
     assert perplexity(0.0) == 1.0 and perplexity(2.0) == pytest.approx(7.389, abs=1e-3)
     assert perplexity(None) is None and perplexity(float("nan")) is None and perplexity(1e4) is None

@@ -4,7 +4,6 @@ on the tiny model (DPO and KTO from a finished SFT run, which stays untouched; O
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from pathlib import Path
 

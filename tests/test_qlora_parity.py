@@ -47,7 +47,7 @@ def train_plain_trl(model_dir, out, order: list[int]):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from ftkit.data.templates import BUILTIN_TEMPLATES  # template text only, so both sides render the same string
+    from ftkit.config.templates import BUILTIN_TEMPLATES  # template text only, so both sides render the same string
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.chat_template = BUILTIN_TEMPLATES["llama3"]

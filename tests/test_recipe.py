@@ -199,7 +199,7 @@ def test_report_to_list_matches_transformers():
 
 def test_seed_zero_is_a_seed(tmp_path, data_file):
     """`seed: 0` once fell through an `or` chain to 42 in data sampling."""
-    from ftkit.data.sources import data_seed
+    from ftkit.config.sources import data_seed
 
     assert data_seed(load_recipe(base(tmp_path, data_file, "seed: 0\n"))) == 0
     assert data_seed(load_recipe(base(tmp_path, data_file, "seed: 5\ndata_seed: 0\n"))) == 0

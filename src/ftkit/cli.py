@@ -173,36 +173,13 @@ def train(
     In a terminal a live display shows the phase, then step, loss, learning rate, speed, ETA and memory; otherwise
     one plain line per logging step (step 120/400 epoch 1.5 loss 0.532 lr 2.0e-4 ... eta 1m02s). Everything
     shown, and every library message, is also written to output_dir/train.log."""
-    import os
+    from ftkit.commands.train import run_train
 
-    from ftkit.config.recipe import load_recipe
-    from ftkit.dist import LAUNCHED_ENV, is_main_process
-
-    if launcher is None and (num_processes is not None or machine_rank is not None):
-        raise FtkitError("--num-processes and --machine-rank need --launcher CONFIG (e.g. accelerate_configs/ddp.yaml)")
     if quiet and verbose:
         raise FtkitError("--quiet and --verbose contradict each other; pass one of them")
     level = "quiet" if quiet else "verbose" if verbose else "normal"
-    sets = [*(set_ or []), *(["resume_from_checkpoint=true"] if resume else [])]
-    parsed = load_recipe(recipe, sets)
-    if launcher is not None:
-        from ftkit.commands import launch
-
-        if not quiet:
-            _print_notes(parsed.notes)
-        code = launch.launch(parsed, recipe, launcher, sets, no_cache, num_processes, machine_rank,
-                             debug=_debug_flag(), echo=lambda line: typer.echo(line, err=True),
-                             display_flags=[f"--{level}"] if level != "normal" else [])
-        sys.exit(code)  # accelerate's exit status, as is
-    from ftkit.train.display import RunDisplay
-    from ftkit.train.run import run_training
-
-    display = RunDisplay(level)
-    for note in parsed.notes:
-        display.record(f"note: {note}")
-    if is_main_process() and not os.environ.get(LAUNCHED_ENV) and not quiet:  # the launcher printed them
-        _print_notes(parsed.notes)
-    run_training(parsed, use_cache=not no_cache, recipe_path=recipe, display=display)
+    run_train(recipe, set_ or [], resume, no_cache, launcher, num_processes, machine_rank, level, _debug_flag(),
+              show_notes=_print_notes, echo=lambda line: typer.echo(line, err=True))
 
 
 AdapterOpt = typer.Option(None, "--adapter", help="A run's output_dir or any checkpoint-N dir inside it.")

@@ -19,3 +19,7 @@ class Interrupted(FtkitError):
 
     exit_code = 130
     label = "interrupted"
+
+
+class BadRow(ValueError):
+    """A data row that cannot become a training sample; the message says why (the data stage adds where)."""

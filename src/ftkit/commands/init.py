@@ -46,7 +46,7 @@ def inspect_data(data: str) -> DataFacts:
     """Format and row count of a local file or folder; a hub id is left for training to detect."""
     from ftkit.data.formats import BadRow, detect_format
     from ftkit.data.loading import local_files, read_rows
-    from ftkit.data.sources import SourceSpec
+    from ftkit.config.sources import SourceSpec
     from ftkit.hub import looks_local
 
     files = local_files(SourceSpec(path=data))
@@ -102,7 +102,7 @@ def recipe_values(model: str, data: DataFacts, choice: Choice, output_dir: str) 
 def choose_method(model: str, data: DataFacts, gpu_gib: float) -> Choice:
     """LoRA if it fits `gpu_gib`, else QLoRA, else QLoRA at batch 1 (ftkit estimate's figures; 1 GiB kept for the
     CUDA context). Without a readable config.json: QLoRA, which fits the most."""
-    from ftkit.commands.estimate import CUDA_CONTEXT_GIB, GIB, estimate, setup_from_recipe
+    from ftkit.config.memory import CUDA_CONTEXT_GIB, GIB, estimate, setup_from_recipe
     from ftkit.config.recipe import load_recipe
     from ftkit.hub import read_model_config
 

@@ -95,7 +95,7 @@ def reference(chat_format, example: Example) -> str | None:
 
 
 def check_input(path: Path) -> None:
-    from ftkit.data.loading import BUILDERS
+    from ftkit.config.sources import BUILDERS
 
     if path.is_dir():
         raise FtkitError(f"{path}: is a directory; --input takes one data file ({', '.join(BUILDERS)})")

@@ -104,7 +104,7 @@ def render_sample(tokenizer, input_ids: list[int], labels: list[int]):
 def run_preview(recipe: Recipe, samples: int, as_json: bool, use_cache: bool = True) -> None:
     import sys
 
-    from ftkit.data.sources import sources_from_recipe
+    from ftkit.config.sources import sources_from_recipe
     from ftkit.hub import prepare_hub_access
 
     def note(message: str) -> None:

@@ -30,7 +30,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ftkit import rundir
 from ftkit.commands import openai_schema as schema
 from ftkit.commands.openai_schema import ChatRequest, CompletionRequest, Sampling
 from ftkit.errors import FtkitError
@@ -179,7 +178,7 @@ def chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
     """The request read as training data is read (messages, tools, chat_template_kwargs), then the run's prompt."""
     from jinja2 import TemplateError
 
-    from ftkit.data.formats import template_kwargs_problem
+    from ftkit.config.templates import template_kwargs_problem
     from ftkit.data.messages import BadRow, normalise_tools
     from ftkit.inference.generate import prompt_ids
 

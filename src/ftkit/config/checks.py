@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ftkit.config.arguments import ModelArguments
 from ftkit.config.schema import MODEL_INIT_OWNED, Recipe
-from ftkit.data.templates import BUILTIN_TEMPLATES
+from ftkit.config.templates import BUILTIN_TEMPLATES
 from ftkit.errors import FtkitError
 from ftkit.files import read_text
 from ftkit.hub import RESERVED_NAMESPACES, looks_local
@@ -145,7 +145,7 @@ def check_data(recipe: Recipe) -> Problems:
         problems.append(("streaming", "a streamed dataset has no known length: set max_steps"))
     problems += check_template(d.chat_template)
     if d.chat_template_kwargs is not None:
-        from ftkit.data.formats import template_kwargs_problem
+        from ftkit.config.templates import template_kwargs_problem
 
         problem = template_kwargs_problem(d.chat_template_kwargs)
         if problem:
@@ -159,7 +159,7 @@ def is_number(value) -> bool:
 
 def check_test_split(recipe: Recipe) -> Problems:
     """A fraction below 0.5 or a whole number of rows; the count is checked against the rows when they are read."""
-    from ftkit.data.sources import mixture_option
+    from ftkit.config.sources import mixture_option
 
     key, size, label = "test_split_size", recipe.data.test_split_size, ""
     if size is None:  # inside dataset_mixture: name the field
@@ -195,9 +195,9 @@ def check_template(template: str | None) -> Problems:
 
 
 def check_sources(recipe: Recipe) -> Problems:
-    from ftkit.data.formats import FORMATS
-    from ftkit.data.loading import local_files
-    from ftkit.data.sources import SourceSpec, SourcesError, sources_from_recipe
+    from ftkit.config.sources import FORMATS
+    from ftkit.config.sources import local_files
+    from ftkit.config.sources import SourceSpec, SourcesError, sources_from_recipe
 
     problems = []
     try:

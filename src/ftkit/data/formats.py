@@ -12,19 +12,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ftkit.config.sources import FORMATS
+from ftkit.config.templates import json_value, template_kwargs_problem
 from ftkit.data.messages import BadRow, check_conversation, normalise_messages, normalise_tools
 
 __all__ = ["BadRow", "FORMATS", "detect_format", "to_internal", "conversation_parts"]
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "bot": "assistant", "model": "assistant", "function_call": "assistant", "observation": "tool",
                   "tool": "tool"}
-# apply_chat_template's own arguments and the variables ftkit sets: a template kwarg of that name would clash.
-RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
-                            "tokenize", "chat_template", "return_dict", "return_tensors", "tokenizer_kwargs",
-                            "bos_token", "eos_token")
-
 
 def detect_format(columns: list[str]) -> str:
     cols = set(columns)
@@ -72,26 +68,13 @@ def conversation_parts(row: dict, fmt: str, system_prompt: str | None) -> tuple[
 def template_kwargs(raw: Any, where: str) -> dict | None:
     """A row's chat_template_kwargs: a mapping (or that mapping as JSON text), e.g. {"enable_thinking": false}. A
     null value is left out: in a hub dataset it is Arrow's filler for a key other rows have (smoltalk2)."""
-    if raw is None or raw == "" or raw == {}:
+    raw = json_value(raw, where)
+    if raw is None or raw == {}:
         return None
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            raise BadRow(f"{where} is not valid JSON") from None
     problem = template_kwargs_problem(raw)
     if problem:
         raise BadRow(f"{where} {problem}")
     return {k: v for k, v in raw.items() if v is not None} or None
-
-
-def template_kwargs_problem(kwargs: Any) -> str | None:
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        return "must be a mapping of template variables, e.g. {enable_thinking: false}"
-    clash = [k for k in kwargs if k in RESERVED_TEMPLATE_KWARGS]
-    if clash:
-        return f"may not set {', '.join(clash)}: ftkit passes {'it' if len(clash) == 1 else 'them'} to the template itself"
-    return None
 
 
 def from_messages(row: dict) -> list:

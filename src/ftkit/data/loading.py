@@ -6,12 +6,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftkit.data.formats import FORMATS, BadRow, detect_format, to_internal
-from ftkit.data.sources import SourceSpec
+from ftkit.config.sources import BUILDERS, FORMATS, SourceSpec, local_files  # noqa: F401 (local_files: data's callers)
+from ftkit.data.formats import BadRow, detect_format, to_internal
 from ftkit.errors import FtkitError
 from ftkit.files import check_utf8
 
-BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 EVAL_WORDS = ("test", "eval", "valid", "dev")
 
 
@@ -25,24 +24,6 @@ class MixStats:
 
 def is_eval_split(name: str) -> bool:
     return any(word in name.lower() for word in EVAL_WORDS)
-
-
-def local_files(spec: SourceSpec) -> list[Path] | None:
-    """The data files of a local source (a file, or a folder of one type); None for a hub id."""
-    path = Path(spec.path).expanduser()
-    if path.is_file():
-        if path.suffix.lower() not in BUILDERS:
-            raise FtkitError(f"{path}: not a data file ftkit reads (a name ending in {', '.join(BUILDERS)})")
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in BUILDERS and p.is_file())
-        if not files:
-            raise FtkitError(f"{path}: folder has no data files ({', '.join(BUILDERS)})")
-        suffixes = sorted({p.suffix.lower() for p in files})
-        if len(suffixes) > 1:
-            raise FtkitError(f"{path}: mixes file types {suffixes}; use one type per source")
-        return files
-    return None
 
 
 def read_rows(files: list[Path]) -> list[dict]:

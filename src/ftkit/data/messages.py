@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ftkit.config.templates import normalise_tools  # noqa: F401 (re-exported for data's callers)
+from ftkit.errors import BadRow
+
 ROLE_ALIASES = {"developer": "system", "function": "tool", "ipython": "tool", "observation": "tool"}
 VALID_ROLES = ("system", "user", "assistant", "tool")
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 TEXT_PARTS = ("text", "input_text", "output_text")
-
-
-class BadRow(ValueError):
-    """A row that cannot become a conversation; the message says why."""
 
 
 def normalise_messages(raw: Any) -> list[dict]:
@@ -113,29 +112,6 @@ def call_arguments(arguments: Any, name: str, where: str) -> dict:
         raise BadRow(f"{where}: the arguments of tool call '{name}' must be a JSON object, got "
                      f"{type(arguments).__name__}")
     return arguments
-
-
-def normalise_tools(raw: Any, where: str = "'tools'") -> list[dict] | None:
-    """Function schemas (a list, or that list as JSON text, as LLaMA-Factory stores it) in OpenAI's form
-    {type: function, function: {name, description, parameters}}; a bare {name, ...} is wrapped."""
-    if raw is None or raw == "" or raw == []:
-        return None
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except ValueError:
-            raise BadRow(f"{where} is not valid JSON") from None
-    if isinstance(raw, dict):
-        raw = [raw]
-    if not isinstance(raw, list):
-        raise BadRow(f"{where} must be a list of function schemas {{name, description, parameters}}")
-    tools = []
-    for tool in raw:
-        function = tool.get("function") if isinstance(tool, dict) and isinstance(tool.get("function"), dict) else tool
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise BadRow(f"{where}: each tool needs a name (a function schema {{name, description, parameters}})")
-        tools.append({"type": "function", "function": function})
-    return tools or None
 
 
 def first_problem(messages: list[dict]) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 from ftkit import __version__
 from ftkit.data.chat_format import ChatFormat
 from ftkit.data.loading import MixStats, load_mixture, local_files
-from ftkit.data.sources import data_seed, mixture_option, sources_from_recipe
+from ftkit.config.sources import data_seed, mixture_option, sources_from_recipe
 from ftkit.data.tokenize import DataStats, Prepared, encode_batch, stored
 
 LAYOUT = 2  # how rows become samples and what the cache holds; a change makes older cache entries unused
@@ -113,10 +113,8 @@ def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=
         return build_streaming(recipe, chat_format, log)
     seed = data_seed(recipe)
     key = cache_key(recipe, chat_format, seed)
-    folder = cache_root() / key
-    cached = load_cache(folder) if use_cache else None
+    cached = reuse_cache(key, use_cache, log)
     if cached is not None:
-        log(f"reused cached tokens {key} ({cached.stats.train_rows} train, {cached.stats.eval_rows} eval rows; {folder})")
         return cached
 
     specs = sources_from_recipe(recipe.data)
@@ -136,8 +134,17 @@ def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=
     conversations = [{k: row[k] for k in ("messages", "tools", "chat_template_kwargs")} for row in eval_rows
                      if row["messages"]]
     if use_cache:
-        save_cache(folder, train, evaluation, stats, conversations)
+        save_cache(cache_root() / key, train, evaluation, stats, conversations)
     return Prepared(train, evaluation, stats, conversations)
+
+
+def reuse_cache(key: str, use_cache: bool, log=print) -> Prepared | None:
+    """The tokens cached under `key`, saying so, or None."""
+    folder = cache_root() / key
+    cached = load_cache(folder) if use_cache else None
+    if cached is not None:
+        log(f"reused cached tokens {key} ({cached.stats.train_rows} train, {cached.stats.eval_rows} eval rows; {folder})")
+    return cached
 
 
 def load_cache(folder: Path) -> Prepared | None:

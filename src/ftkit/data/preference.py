@@ -26,7 +26,7 @@ from typing import Any
 from ftkit.data.chat_format import ChatFormat
 from ftkit.data.formats import BadRow, check_conversation
 from ftkit.data.loading import MixStats, apply_columns, carved_count, column_names, is_eval_split, load_split, take
-from ftkit.data.sources import SourceSpec, data_seed, mixture_option, sources_from_recipe
+from ftkit.config.sources import SourceSpec, data_seed, mixture_option, sources_from_recipe
 from ftkit.data.tokenize import DataStats, Prepared
 from ftkit.errors import FtkitError
 
@@ -215,14 +215,12 @@ def preference_cache_key(recipe, chat_format: ChatFormat, seed: int) -> str:
 
 def build_preference_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=print) -> Prepared:
     """Recipe -> tokenised preference train/eval sets, cached under the same root as SFT data."""
-    from ftkit.data.pipeline import cache_root, load_cache, save_cache, stats_from_mix
+    from ftkit.data.pipeline import cache_root, reuse_cache, save_cache, stats_from_mix
 
     seed = data_seed(recipe)
     key = preference_cache_key(recipe, chat_format, seed)
-    folder = cache_root() / key
-    cached = load_cache(folder) if use_cache else None
+    cached = reuse_cache(key, use_cache, log)
     if cached is not None:
-        log(f"reused cached tokens {key} ({cached.stats.train_rows} train, {cached.stats.eval_rows} eval rows; {folder})")
         return cached
     train_rows, eval_rows, mix = load_preference_mixture(sources_from_recipe(recipe.data), recipe, seed)
     stats = stats_from_mix(mix)
@@ -237,5 +235,5 @@ def build_preference_datasets(recipe, chat_format: ChatFormat, use_cache: bool =
     stats.train_rows, stats.eval_rows = len(train), len(evaluation) if evaluation is not None else 0
     log(f"tokenised {len(train_rows) + len(eval_rows):,} preference rows (cache {key})")
     if use_cache:
-        save_cache(folder, train, evaluation, stats, eval_rows)
+        save_cache(cache_root() / key, train, evaluation, stats, eval_rows)
     return Prepared(train, evaluation, stats, eval_rows)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from ftkit.data.chat_format import ChatFormat
 from ftkit.data.formats import BadRow, detect_format, to_internal
 from ftkit.data.loading import BUILDERS, check_not_empty, is_eval_split, local_files
-from ftkit.data.sources import SourceSpec, data_seed, sources_from_recipe
+from ftkit.config.sources import SourceSpec, data_seed, sources_from_recipe
 from ftkit.data.tokenize import DataStats, Prepared, encode_batch, stored
 from ftkit.errors import FtkitError
 

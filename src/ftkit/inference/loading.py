@@ -109,7 +109,7 @@ def read_tools(path: Path | None) -> list[dict] | None:
 
 def parse_template_kwargs(text: str | None) -> dict | None:
     """--chat-template-kwargs '{"enable_thinking": false}'."""
-    from ftkit.data.formats import template_kwargs_problem
+    from ftkit.config.templates import template_kwargs_problem
 
     if text is None:
         return None

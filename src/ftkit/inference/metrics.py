@@ -5,6 +5,7 @@ predict scores whole files with them; training's before/after samples use exact 
 
 from __future__ import annotations
 
+import math
 import re
 
 TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|\w+|[^\w\s]")
@@ -67,3 +68,10 @@ def exact_and_chrf(outputs: list[str], references: list[str]) -> dict[str, float
 
     exact = sum(o.strip() == r.strip() for o, r in zip(outputs, references)) / max(len(outputs), 1)
     return {"exact_match": exact, "chrf": CHRF().corpus_score(outputs, [references]).score}
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(mean token cross-entropy); None when there is no loss or it would overflow."""
+    if loss is None or not math.isfinite(loss) or loss > 700:
+        return None
+    return round(math.exp(loss), 4)

@@ -137,7 +137,7 @@ class DisplayCallback(TrainerCallback):
 
     def report(self, state, logs: dict):
         from ftkit.train.artifacts import peak_memory_mb
-        from ftkit.train.display import StepReport
+        from ftkit.train.step_lines import StepReport
 
         loss = float(logs["loss"])
         if math.isfinite(loss):
@@ -155,8 +155,8 @@ class DisplayCallback(TrainerCallback):
                           memory_gb=peak_memory_mb() / 1024, elapsed=elapsed, eta=eta, extra=extra)
 
     def eval_line(self, state, logs: dict) -> str:
-        from ftkit.train.display import eval_line
-        from ftkit.train.options import perplexity
+        from ftkit.train.step_lines import eval_line
+        from ftkit.inference.metrics import perplexity
 
         metrics = {"eval_loss": float(logs["eval_loss"])}
         if perplexity(metrics["eval_loss"]) is not None:

@@ -12,7 +12,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from ftkit.train.display import duration, number, scientific
+from ftkit.train.step_lines import duration, number, scientific
 
 
 def spinner(display, text: Text) -> Spinner:

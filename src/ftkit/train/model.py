@@ -7,7 +7,7 @@ from ftkit.config import quantization
 from ftkit.config.arguments import ModelArguments
 from ftkit.config.precision import Precision
 from ftkit.data.chat_format import ChatFormat
-from ftkit.data.templates import BUILTIN_TEMPLATES, resolve_template
+from ftkit.config.templates import BUILTIN_TEMPLATES, resolve_template
 from ftkit.errors import FtkitError
 from ftkit.hub import load_failure
 

@@ -173,7 +173,7 @@ def card(recipe, summary: dict, meta: dict, out: Path, trainable: int, total: in
 
 
 def data_sources(recipe) -> list[str]:
-    from ftkit.data.sources import sources_from_recipe
+    from ftkit.config.sources import sources_from_recipe
 
     return [spec.path for spec in sources_from_recipe(recipe.data)]
 

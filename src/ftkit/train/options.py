@@ -3,10 +3,9 @@ and the dtype of a quantised model's trainable weights. Their recipe checks live
 
 from __future__ import annotations
 
-import math
-
 from ftkit.config.checks import EVAL_STRATEGIES
 from ftkit.errors import FtkitError
+from ftkit.inference.metrics import perplexity
 
 
 def apply(recipe, args: dict, log=print) -> dict:
@@ -36,13 +35,6 @@ def callbacks(recipe) -> list:
 
     return [EarlyStopping(early_stopping_patience=recipe.run.early_stopping_patience,
                           early_stopping_threshold=recipe.run.early_stopping_threshold or 0.0)]
-
-
-def perplexity(loss: float | None) -> float | None:
-    """exp(mean token cross-entropy); None when there is no loss or it would overflow."""
-    if loss is None or not math.isfinite(loss) or loss > 700:
-        return None
-    return round(math.exp(loss), 4)
 
 
 def eval_summary(trainer) -> dict:

@@ -48,7 +48,7 @@ def train(recipe: Recipe, use_cache: bool, recipe_path: Path | None, display) ->
     from ftkit.train.args import setup_reporting
 
     setup_reporting(recipe, out, log)
-    from ftkit.data.sources import sources_from_recipe
+    from ftkit.config.sources import sources_from_recipe
     from ftkit.hub import prepare_hub_access
 
     prepare_hub_access([recipe.model.model_name_or_path, recipe.model.tokenizer_name_or_path,
@@ -66,15 +66,10 @@ def train_stages(recipe: Recipe, use_cache: bool, recipe_path: Path | None, disp
 
     from ftkit.config.checks import check_for_device
     from ftkit.config.precision import detect_hardware, training_precision
-    from ftkit.data.pipeline import build_datasets
-    from ftkit.train.model import load_tokenizer
     from ftkit.train.samples import before_training
     from ftkit.train.start import check_start, copy_chain
 
     check_start(recipe)
-    if recipe.method != "sft":
-        from ftkit.data.preference import build_preference_datasets as build_datasets
-
     log = display
     precision = training_precision(recipe.model, recipe.sft, detect_hardware(bool(recipe.sft.get("use_cpu"))))
     check_for_device(recipe, precision.device)
@@ -83,12 +78,7 @@ def train_stages(recipe: Recipe, use_cache: bool, recipe_path: Path | None, disp
     # cpu=True on CPU: otherwise accelerate sees a single process there and main_process_first() waits for nobody
     state = PartialState(cpu=precision.device == "cpu")
     torch.manual_seed(recipe.sft_value("seed"))
-    display.phase(f"loading tokenizer {recipe.model.tokenizer_name_or_path or recipe.model.model_name_or_path}")
-    tokenizer, chat_format, added = load_tokenizer(recipe.model, recipe.data.chat_template, log,
-                                                   recipe.data.chat_template_kwargs)
-    display.phase("preparing data (reading, tokenising)")
-    with state.main_process_first():
-        data = build_datasets(recipe, chat_format, use_cache, log)
+    tokenizer, chat_format, added, data = load_data(recipe, state, use_cache, display)
     display.phase(f"loading model {recipe.model.model_name_or_path}")
     model = prepare_model(recipe, precision, tokenizer, bool(added), data, state.local_process_index, log, out)
     lora = trainer_lora(model, recipe, bool(added), log)
@@ -120,6 +110,24 @@ def train_stages(recipe: Recipe, use_cache: bool, recipe_path: Path | None, disp
     write_outputs(trainer, recipe, chat_format, data.stats, result, started, precision, samples, log,
                   report=display.summary)
     return out
+
+
+def load_data(recipe: Recipe, state, use_cache: bool, display):
+    """The tokenizer with the template's tokens, then the tokenised data (rank 0 first, the others reuse its
+    cache); -> (tokenizer, chat format, tokens added, datasets)."""
+    from ftkit.data.pipeline import build_datasets
+    from ftkit.train.model import load_tokenizer
+
+    if recipe.method != "sft":
+        from ftkit.data.preference import build_preference_datasets as build_datasets
+
+    display.phase(f"loading tokenizer {recipe.model.tokenizer_name_or_path or recipe.model.model_name_or_path}")
+    tokenizer, chat_format, added = load_tokenizer(recipe.model, recipe.data.chat_template, display,
+                                                   recipe.data.chat_template_kwargs)
+    display.phase("preparing data (reading, tokenising)")
+    with state.main_process_first():
+        data = build_datasets(recipe, chat_format, use_cache, display)
+    return tokenizer, chat_format, added, data
 
 
 def log_header(recipe: Recipe) -> str:

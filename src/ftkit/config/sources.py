@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from ftkit.config.arguments import DataArguments
+from ftkit.errors import FtkitError
+
+
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")  # a source's `format`
+# file name ending -> the datasets builder that reads it
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
 class SourcesError(ValueError):
@@ -105,7 +111,8 @@ def mixture_entry(entry: Any, index: int) -> SourceSpec:
 def source_tools(raw: Any, where: str) -> list | None:
     """A source's `tools`: function schemas inline, or the path of a JSON file holding them (its content is read
     here, so the token cache key covers it)."""
-    from ftkit.data.messages import BadRow, normalise_tools
+    from ftkit.config.templates import normalise_tools
+    from ftkit.errors import BadRow
 
     if isinstance(raw, str) and not raw.lstrip().startswith(("[", "{")):
         path = Path(raw).expanduser()
@@ -131,3 +138,21 @@ def data_seed(recipe) -> int:
         if value is not None:
             return value
     return recipe.sft_value("seed")
+
+
+def local_files(spec: SourceSpec) -> list[Path] | None:
+    """The data files of a local source (a file, or a folder of one type); None for a hub id."""
+    path = Path(spec.path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in BUILDERS:
+            raise FtkitError(f"{path}: not a data file ftkit reads (a name ending in {', '.join(BUILDERS)})")
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in BUILDERS and p.is_file())
+        if not files:
+            raise FtkitError(f"{path}: folder has no data files ({', '.join(BUILDERS)})")
+        suffixes = sorted({p.suffix.lower() for p in files})
+        if len(suffixes) > 1:
+            raise FtkitError(f"{path}: mixes file types {suffixes}; use one type per source")
+        return files
+    return None
