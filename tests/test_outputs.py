@@ -8,7 +8,7 @@ import re
 import pytest
 
 from ftkit import __version__, rundir
-from tests.helpers import CHATS, SYSTEM, ftkit, rows, write_jsonl
+from tests.helpers import CHATS, SYSTEM, ftkit, make_recipe, rows, write_jsonl
 
 SECTIONS = ["## Method", "## Data", "## Training settings", "## Results", "## Use it", "## Serve it",
             "## Framework versions"]
@@ -110,3 +110,23 @@ def test_a_save_straight_into_output_dir_keeps_a_users_readme_and_drops_pefts_te
     with readme_kept(tmp_path):
         readme.write_text("# Model Card for Model ID\n\n" + rundir.PEFT_BLANK_CARD + "\n")
     assert not readme.exists()
+
+
+@pytest.mark.slow
+def test_checkpoints_leave_the_users_readme_and_ftkits_card_alone(tiny_model, tmp_path):
+    """TRL's trainers write their own model card into output_dir at every checkpoint; ftkit's card is the one."""
+    from ftkit.config.recipe import load_recipe
+    from ftkit.train.run import run_training
+
+    fresh = run_training(load_recipe(make_recipe(tmp_path, tiny_model, "fresh", max_steps=2, save_strategy="steps",
+                                                 save_steps=1)), log=lambda *_: None)
+    assert (fresh / "checkpoint-2").is_dir() and rundir.is_ftkit_card(fresh / "README.md")
+    assert not (fresh / rundir.CARD_ASIDE).exists()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "README.md").write_text("# my project\n", encoding="utf-8")
+    lines: list[str] = []
+    run_training(load_recipe(make_recipe(tmp_path, tiny_model, "theirs", max_steps=2, save_strategy="steps",
+                                         save_steps=1, overwrite_output_dir=True)), log=lines.append)
+    assert (theirs / "README.md").read_text(encoding="utf-8") == "# my project\n"
+    assert rundir.is_ftkit_card(theirs / rundir.CARD_ASIDE)

@@ -258,6 +258,9 @@ def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path,
         + (", bf16 mixed" if precision.bf16 else ", fp16 mixed" if precision.fp16 else "") + f" on {precision.device}")
     if display is not None:
         replace_progress_callbacks(trainer, display)
+    # ftkit writes the model card (train/model_card.py); TRL's trainers write theirs into output_dir/README.md at
+    # every checkpoint, over a user's README.md and over ftkit's card
+    trainer.create_model_card = lambda *args, **kwargs: None
     train_options.fix_quantized_trainable_dtype(trainer.model, precision, log)  # TRL casts them to bf16
     if recipe.method == "sft" and count_step_tokens(trainer):
         log("note: this model's forward takes no loss kwargs; ftkit normalises the loss by the step's trained tokens")
