@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ftkit.config.schema import IGNORED, RENAMED, SECTIONS, key_table, sft_schema
 from ftkit.errors import FtkitError
 from ftkit.train.args import SFT_DEFAULTS
+from ftkit.train.defaults import DESCRIBED
 
 OWNERS = {"model": "model", "data": "data", "run": "run", "sft": "SFTConfig"}
 OWNER_LONG = {"model": "ftkit's model keys (all of TRL's ModelConfig), config/arguments.py",
@@ -34,13 +35,14 @@ def yaml_value(value: object) -> str:
 
 
 # SFTConfig keys whose value ftkit decides where the recipe says nothing (Recipe.output_dir, config/precision.py,
-# train/args.py's SFT_DEFAULTS).
+# train/args.py's SFT_DEFAULTS, train/defaults.py's measured defaults).
 FTKIT_DEFAULTS = {
     "output_dir": "runs/<recipe file name>",
     "bf16": "on where the GPU supports bf16, else off",
     "fp16": "false",
     "use_cpu": "true when there is no GPU",
     **{key: yaml_value(value) for key, value in SFT_DEFAULTS.items()},
+    **DESCRIBED,
 }
 
 

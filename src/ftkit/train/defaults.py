@@ -15,6 +15,11 @@ from ftkit.config.checks import packing_attention_ok
 from ftkit.config.precision import Precision
 from ftkit.errors import FtkitError
 
+# What `ftkit keys` shows as the default of the keys this module decides.
+CHECKPOINTING = "on only where the run would not fit this GPU without it; off on a CPU"
+DESCRIBED = {"gradient_checkpointing": CHECKPOINTING, "activation_checkpointing": CHECKPOINTING,
+             "padding_free": "on where the batch holds several samples and the model keeps packed samples apart"}
+
 
 def resolve_checkpointing(model, recipe, precision: Precision, device_index: int, log=print) -> bool:
     """The recipe's gradient checkpointing, or ftkit's choice written into recipe.sft; -> the value used."""
