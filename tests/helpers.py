@@ -151,6 +151,23 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(\d+)s$")
 
 
+def chart_lines(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """The polylines of an SVG chart ftkit wrote (train/chart.py), by their legend label, in drawing order."""
+    import xml.etree.ElementTree as ET
+
+    svg = ET.parse(path).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = [[tuple(map(float, pair.split(","))) for pair in line.get("points").split()]
+             for line in svg.iter(f"{ns}polyline")]
+    labels = [text.text for text in svg.iter(f"{ns}text") if text.get("text-anchor") is None]
+    return dict(zip(labels, lines))
+
+
+def loss_curve_points(path: Path) -> list[tuple[float, float]]:
+    """The train-loss line of a run's loss_curve.svg, in SVG coordinates."""
+    return chart_lines(path)["train loss"]
+
+
 def parse_step_line(line: str) -> dict[str, float]:
     """A plain step line (`step 120/400 epoch 1.5 loss 0.532 lr 2.0e-4 ... eta 1m02s`) -> {name: number}; fails
     on anything else. Durations become seconds; every other value must be what float() reads."""

@@ -31,7 +31,7 @@ RUN_ARTIFACTS = ("adapter_config.json", "adapter_model.safetensors", "model.safe
                  "model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer.model",
                  "added_tokens.json", "vocab.json", "merges.txt", "training_args.bin", "ftkit_*.json",
-                 "ftkit_recipe.yml", "train_summary.json", "loss_curve.png", "samples.md", "train.log", "runs",
+                 "ftkit_recipe.yml", "train_summary.json", "loss_curve.svg", "loss_curve.png", "samples.md", "train.log", "runs",
                  "wandb", "checkpoint-*", "tmp-checkpoint-*", ".ftkit-tmp-*", "ftkit_model_card.md", "base_adapters")
 # The first line of the model card ftkit writes as README.md: a README.md without it is the user's, never replaced.
 CARD_MARK = "<!-- ftkit model card: written by ftkit train, replaced when this run is trained again -->"

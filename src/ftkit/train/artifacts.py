@@ -3,7 +3,7 @@
 output_dir holds: the adapter (or full model) in safetensors, the tokenizer with the exact chat
 template used, generation_config.json whose eos ids stop at the end-of-turn token, ftkit_recipe.yml
 (resolved, no secrets), ftkit_run.json (what chat/predict/merge need), train_summary.json,
-loss_curve.png, README.md (the model card, train/model_card.py) and train.log (train/display.py).
+loss_curve.svg, README.md (the model card, train/model_card.py) and train.log (train/display.py).
 """
 
 from __future__ import annotations
@@ -55,29 +55,18 @@ def loss_points(log_history: list[dict]) -> tuple[list, list, list, list]:
 
 
 def plot_loss(log_history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """loss_curve.svg: train and eval loss per step, and a preference run's rewards beside them."""
+    from ftkit.train.chart import Panel, Series, chart_svg
+    from ftkit.train.preference import preference_series
 
     steps, losses, eval_steps, eval_losses = loss_points(log_history)
-    from ftkit.train.preference import plot_preference
-
-    preference = bool(preference_figures(log_history))
-    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), squeeze=False)
-    ax = axes[0][0]
-    if preference:
-        plot_preference(axes[0][1], log_history)
-    ax.plot(steps, losses, label="train loss")
+    panels = [Panel("loss", "loss", [Series("train loss", list(zip(steps, losses)))])]
     if eval_steps:
-        ax.plot(eval_steps, eval_losses, "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        panels[0].series.append(Series("eval loss", list(zip(eval_steps, eval_losses)), markers=True))
+    preference = preference_series(log_history)
+    if preference:
+        panels.append(Panel("preference", "reward", [Series(name, points) for name, points in preference.items()]))
+    write_atomic(path, chart_svg(panels))
 
 
 def save_weights(trainer, out: Path) -> None:
@@ -143,7 +132,7 @@ def write_run(trainer, recipe, chat_format, data_stats, result, started: float, 
     write_atomic(out / "ftkit_recipe.yml", yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True))
     summary = build_summary(trainer, data_stats, result, started)
     write_json_atomic(out / "train_summary.json", summary)
-    plot_loss(trainer.state.log_history, out / "loss_curve.png")
+    plot_loss(trainer.state.log_history, out / "loss_curve.svg")
     return summary
 
 
@@ -195,7 +184,7 @@ def print_summary(summary: dict, out: Path, log=print) -> None:
         log(f"early stopping ended the run at step {summary['early_stopped_at_step']}; kept the best checkpoint "
             f"{summary.get('best_checkpoint')} (eval loss {summary.get('best_eval_loss', float('nan')):.4f})")
     card = "README.md" if rundir.is_ftkit_card(out / "README.md") else rundir.CARD_ASIDE
-    log(f"saved to {out}/ (model card {card}, train.log, train_summary.json, loss_curve.png)")
+    log(f"saved to {out}/ (model card {card}, train.log, train_summary.json, loss_curve.svg)")
     log(f"next: ftkit chat --adapter {out}" if (out / "adapter_config.json").exists() else f"next: ftkit chat --model {out}")
 
 

@@ -103,7 +103,7 @@ def results_section(summary: dict) -> list[str]:
              ("peak memory", f"{summary.get('peak_memory_mb', 0):,.0f} MB")]
     lines = ["## Results", ""] + table([(k, v) for k, v in rows if v is not None], ("", "value"))
     lines += [f"- warning: {w}" for w in summary.get("warnings") or []]
-    lines += ["", "![loss curve](loss_curve.png)"]
+    lines += ["", "![loss curve](loss_curve.svg)"]
     if samples:
         lines += ["", f"Before/after answers to {samples.get('count')} eval prompts: `samples.md`."]
     return lines

@@ -127,17 +127,12 @@ def preference_figures(log_history: list[dict]) -> dict:
     return {**final, "preference_per_step": per_step}
 
 
-def plot_preference(ax, log_history: list[dict]) -> bool:
-    """Rewards and margin per logged step on `ax`; False when the run logged none."""
+def preference_series(log_history: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Rewards, margin and accuracy per logged step, by figure name; empty when the run logged none."""
     per_step = preference_figures(log_history).get("preference_per_step") or []
-    drawn = False
+    series = {}
     for name in ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"):
         points = [(e["step"], e[name]) for e in per_step if name in e and math.isfinite(e[name])]
         if points:
-            ax.plot([s for s, _ in points], [v for _, v in points], label=name.replace("_", " "))
-            drawn = True
-    if drawn:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return drawn
+            series[name.replace("_", " ")] = points
+    return series
