@@ -84,6 +84,81 @@ def test_transformers_keeps_packed_sequences_apart_in_a_training_forward(impl, t
             torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=0, msg=f"{config} {name}")
 
 
+def count_causal_sdpa_calls(monkeypatch) -> list[int]:
+    """Patch torch's sdpa to count the calls that take the causal kernel without a mask (the per-sample path)."""
+    import torch
+
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        if kwargs.get("is_causal") and kwargs.get("attn_mask") is None:
+            calls.append(args[0].shape[2])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    return calls
+
+
+def test_varlen_sdpa_trains_exactly_as_transformers_dense_mask(tiny_model, tmp_path, monkeypatch):
+    """ftkit's per-sample sdpa (train/varlen.py) beside transformers' own sdpa, which attends over the whole packed
+    row through a block-diagonal mask: the same loss and gradients, from attention one sample at a time."""
+    import torch
+
+    from ftkit.train.varlen import register
+
+    loss, grads = trainer_step(tiny_model, tmp_path, "sdpa", padding_free=True, max_length=None)
+    calls = count_causal_sdpa_calls(monkeypatch)
+    for config in (dict(padding_free=True, max_length=None), dict(packing=True, packing_strategy="bfd")):
+        calls.clear()
+        varlen_loss, varlen_grads = trainer_step(tiny_model, tmp_path, register(), use_cache=True, **config)
+        assert sorted(calls) == sorted(length for length, _ in SHAPES for _layer in range(2)), config
+        assert varlen_loss == pytest.approx(loss, abs=1e-6), config
+        for name, grad in grads.items():
+            torch.testing.assert_close(varlen_grads[name], grad, atol=1e-6, rtol=0, msg=f"{config} {name}")
+
+
+def test_varlen_sdpa_leaves_padded_and_cached_forwards_to_transformers(tiny_model):
+    """The same model object also answers eval prompts (padded batches, a cache): those forwards must be sdpa's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.train.varlen import register
+
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32)
+    varlen = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32)
+    varlen.set_attn_implementation(register())
+    ids = torch.tensor([[3, 3, 17, 52, 9, 400], [5, 6, 7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(varlen(input_ids=ids, attention_mask=mask).logits,
+                                   sdpa(input_ids=ids, attention_mask=mask).logits, atol=1e-6, rtol=0)
+        settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=3)
+        assert varlen.generate(ids, attention_mask=mask, **settings).tolist() == sdpa.generate(
+            ids, attention_mask=mask, **settings).tolist()
+
+
+def test_train_uses_varlen_sdpa_only_where_the_probe_passes(tiny_model, tiny_opt, tmp_path, monkeypatch):
+    """On for packed rows of a model that hands position_ids to its attention; back to sdpa when the probe sees a
+    leak; off for padded batches and for kernels the recipe chose."""
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.train import packing, varlen
+
+    def decide(model_dir, **overrides):
+        recipe = load_recipe(make_recipe(tmp_path, model_dir, "v", **overrides))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=recipe.model.attn_implementation)
+        on = varlen.use_varlen(model, recipe, **QUIET)
+        return on, model.config._attn_implementation
+
+    assert decide(tiny_model, padding_free=True) == (True, varlen.NAME)
+    assert decide(tiny_model, packing=True) == (True, varlen.NAME)
+    assert decide(tiny_model, padding_free=False) == (False, "sdpa")
+    assert decide(tiny_model, padding_free=True, attn_implementation="eager") == (False, "eager")
+    assert decide(tiny_model, padding_free=True, torch_compile=True) == (False, "sdpa")
+    monkeypatch.setattr(packing, "leaks_across_samples", lambda model: True)
+    assert decide(tiny_model, padding_free=True) == (False, "sdpa")
+
+
 def test_packing_keeps_ftkits_loss_masks(tiny_model, tmp_path):
     """TRL packs ftkit's pre-tokenised rows as they are: every packed segment is one of ftkit's samples with its
     labels (assistant tokens only), each sample exactly once."""
@@ -117,6 +192,7 @@ def test_packed_training_memorises_and_matches_the_padded_run(option, tiny_model
     recipe = make_recipe(tmp_path, tiny_model, option, **{option: True})
     result = ftkit("train", str(recipe))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "ftkit's varlen sdpa" in (tmp_path / option / "train.log").read_text()
     from ftkit.inference.loading import load_for_chat
 
     model, _, chat_format = load_for_chat(tmp_path / option, None, None, None)

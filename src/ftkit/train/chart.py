@@ -75,8 +75,8 @@ def panel_svg(panel: Panel, left_edge: float) -> list[str]:
     out.append(f'<text transform="translate({left_edge + 14},{TOP + plot_h / 2}) rotate(-90)" '
                f'text-anchor="middle">{escape(panel.y_label)}</text>')
     if series:  # legend in the top-right corner, on white so lines under it do not cross the labels
-        out.append(f'<rect x="{left_edge + WIDTH - RIGHT - 156}" y="{TOP + 2}" width="152" height="{16 * len(series) + 6}"'
-                   ' fill="white" fill-opacity="0.85" stroke="#ccc"/>')
+        out.append(f'<rect x="{left_edge + WIDTH - RIGHT - 156}" y="{TOP + 2}" width="152" '
+                   f'height="{16 * len(series) + 6}" fill="white" fill-opacity="0.85" stroke="#ccc"/>')
     for index, line in enumerate(series):
         colour = COLOURS[index % len(COLOURS)]
         path = " ".join(f"{px:.1f},{py:.1f}" for px, py in (at(x, y) for x, y in line.points))

@@ -200,6 +200,7 @@ def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, 
     from ftkit.train.model import apply_peft, fit_embeddings, prepare_kbit, trainable_summary
     from ftkit.train.packing import check_packing
     from ftkit.train.start import load_policy
+    from ftkit.train.varlen import use_varlen
 
     model = load_policy(recipe, precision, device_index, out or recipe.output_dir(), log)
     fit_embeddings(model, tokenizer, log)
@@ -215,6 +216,7 @@ def prepare_model(recipe: Recipe, precision, tokenizer, new_tokens: bool, data, 
     if recipe.method == "sft":
         check_packing(model, recipe, log)  # before the run directory is claimed
         choose_padding_free(model, recipe, log)
+        use_varlen(model, recipe, log)
     return model
 
 
