@@ -219,3 +219,16 @@ def assert_gives_chosen(model, chat_format) -> None:
     for (question, _), short in zip(CHATS, SHORT_ANSWERS):
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
         assert generate(model, chat_format, messages, GREEDY) == short
+
+
+def trained_runs(input_ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The runs of consecutive trained tokens in a sample (each label equal to its input id)."""
+    runs, current = [], []
+    for tok, label in zip(input_ids, labels):
+        if label != -100:
+            assert label == tok
+            current.append(tok)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])

@@ -17,7 +17,7 @@ from ftkit.data.formats import BadRow, detect_format, to_internal
 from ftkit.errors import FtkitError
 from ftkit.train.model import load_tokenizer
 from tests.helpers import (MOONS, REASONING_CHATS, TOOL_CHATS, TOOLS, WEATHER, agent_rows, cli, ftkit, make_recipe,
-                           tool_call, write_jsonl)
+                           tool_call, trained_runs, write_jsonl)
 
 FAMILIES = ("qwen3", "llama3_1", "qwen2_5")
 QUIET = {"log": lambda *_: None}
@@ -33,18 +33,6 @@ def family_format(family_model, family: str, **kwargs):
     tokenizer, chat_format, added = load_tokenizer(ModelArguments(model_name_or_path=str(family_model(family))), None,
                                                    template_kwargs=kwargs or None, **QUIET)
     return tokenizer, chat_format
-
-
-def trained_runs(input_ids: list[int], labels: list[int]) -> list[list[int]]:
-    runs, current = [], []
-    for tok, label in zip(input_ids, labels):
-        if label != -100:
-            assert label == tok
-            current.append(tok)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + ([current] if current else [])
 
 
 # --- every dialect becomes one form ------------------------------------------------------------------------------
@@ -408,8 +396,8 @@ def test_tool_files_and_template_kwargs_on_the_command_line_are_checked(tmp_path
 
 
 def test_source_tools_apply_to_rows_without_their_own(tmp_path):
-    from ftkit.data.loading import load_mixture
     from ftkit.config.sources import SourcesError, mixture_entry
+    from ftkit.data.loading import load_mixture
 
     (tmp_path / "tools.json").write_text(json.dumps([WEATHER]))
     rows = [{"messages": [USER, {"role": "assistant", "content": "a"}]},

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from ftkit.config.arguments import ModelArguments
-from ftkit.data.chat_format import ChatFormat
 from ftkit.config.templates import BUILTIN_TEMPLATES
+from ftkit.data.chat_format import ChatFormat
 from ftkit.train.model import load_tokenizer
+from tests.helpers import trained_runs
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -42,18 +43,6 @@ def family_tokenizer(tiny_model, family: str):
         else:
             setattr(tokenizer, name, None)
     return tokenizer
-
-
-def trained_runs(input_ids: list[int], labels: list[int]) -> list[list[int]]:
-    runs, current = [], []
-    for tok, label in zip(input_ids, labels):
-        if label != -100:
-            assert label == tok
-            current.append(tok)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + ([current] if current else [])
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ftkit.cli import main
 from tests.helpers import ROOT, write_jsonl
+from tests.helpers import cli as run
 
 QA = [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Answer."}]
 
@@ -17,16 +17,6 @@ def recipe(tmp_path: Path, tiny_model: Path, source: Path, extra: str = "") -> P
     path = tmp_path / "r.yml"
     path.write_text(f"model_name_or_path: {tiny_model}\ndataset_mixer:\n  {source}: 1.0\n{extra}", encoding="utf-8")
     return path
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as done:
-        code = done.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_preview_json_statistics(tmp_path, tiny_model, capsys):
