@@ -140,6 +140,9 @@ VALUE_ROWS = [
     Row("max-steps-beyond-int64", validate("max_steps=100000000000000000000"), value(
         "max_steps", "100000000000000000000 is out of range (the largest accepted number is 9223372036854775807)")),
     Row("seed-negative", validate("seed=-1"), value("seed", "must be in [0, 2**32), got -1")),
+    Row("method-a-list", validate("method=[dpo]"), value("method", "expected str, got list ['dpo']")),
+    Row("method-alias-a-mapping", ["validate", "ok.yml"], err("ok.yml:6: 'method': expected str, got dict "
+        "{'dpo': True}"), files={"ok.yml": RECIPE + "rl: {dpo: true}\n"}),
     Row("report-to-unknown", validate("report_to=foo"), value(
         "report_to", f"'foo' is not a reporting integration; {INTEGRATIONS}")),
     Row("report-to-typo-in-list", validate("report_to=[wandb, tensorbord]"), value(

@@ -207,7 +207,8 @@ def resolve_method(items: list, notes: list[str], problems: list[str]) -> tuple[
         if value == "ipo":
             problems.append(f"{given[-1][2]}: 'method': IPO is DPO with another loss: set method: dpo and "
                             "loss_type: ipo")
-        return items, value if value in METHOD_CONFIGS else "sft"  # a bad value is reported by the key check
+        known = isinstance(value, str) and value in METHOD_CONFIGS
+        return items, value if known else "sft"  # a bad value is reported by the key check
     sft_table, dpo_table = key_table("sft"), key_table("dpo")
     for key, value, where in items:
         if key in PREFERENCE_DATA_KEYS or (key in dpo_table and key not in sft_table) or (
