@@ -140,6 +140,10 @@ VALUE_ROWS = [
     Row("max-steps-beyond-int64", validate("max_steps=100000000000000000000"), value(
         "max_steps", "100000000000000000000 is out of range (the largest accepted number is 9223372036854775807)")),
     Row("seed-negative", validate("seed=-1"), value("seed", "must be in [0, 2**32), got -1")),
+    Row("eval-samples-negative", validate("eval_samples=-3"), value(
+        "eval_samples", "must be >= 0 (0 answers no eval prompts), got -3")),
+    Row("eval-samples-max-new-tokens-zero", validate("eval_samples_max_new_tokens=0"), value(
+        "eval_samples_max_new_tokens", "must be >= 1, got 0")),
     Row("method-a-list", validate("method=[dpo]"), value("method", "expected str, got list ['dpo']")),
     Row("method-alias-a-mapping", ["validate", "ok.yml"], err("ok.yml:6: 'method': expected str, got dict "
         "{'dpo': True}"), files={"ok.yml": RECIPE + "rl: {dpo: true}\n"}),

@@ -239,6 +239,11 @@ def check_training(recipe: Recipe) -> Problems:
     for key in ("seed", "data_seed"):
         if s.get(key) is not None and not 0 <= s[key] < SEED_LIMIT:
             problems.append((key, f"must be in [0, 2**32), got {s[key]}"))
+    run = recipe.run
+    if run.eval_samples is not None and run.eval_samples < 0:
+        problems.append(("eval_samples", f"must be >= 0 (0 answers no eval prompts), got {run.eval_samples}"))
+    if run.eval_samples_max_new_tokens < 1:  # generate() would refuse it after the run directory was claimed
+        problems.append(("eval_samples_max_new_tokens", f"must be >= 1, got {run.eval_samples_max_new_tokens}"))
     problems += check_report_to(s.get("report_to")) + check_resume(s.get("resume_from_checkpoint"))
     problems += check_output_dir(recipe)
     if s.get("bf16") and s.get("fp16"):
