@@ -224,6 +224,16 @@ TRAIN_ROWS = [
     Row("train-over-the-base-model", ["train", "ok.yml", "--set", "output_dir=model", "--set",
                                       "overwrite_output_dir=true"],
         value("output_dir", "'model' is the model_name_or_path directory 'model'; choose another output_dir")),
+    Row("train-overwrite-into-another-trainers-output", ["train", "ok.yml", "--set", "output_dir=hf", "--set",
+                                                         "overwrite_output_dir=true"],
+        err("output_dir 'hf' holds checkpoint directories ftkit did not write (checkpoint-500); training would save "
+            "and rotate its own checkpoint-N beside them: choose another output_dir"),
+        files={"hf/config.json": "{}", "hf/model.safetensors": b"weights", "hf/checkpoint-500/trainer_state.json": "{}"}),
+    Row("train-into-another-trainers-output", ["train", "ok.yml", "--set", "output_dir=hf"],
+        err("output_dir 'hf' holds files ftkit did not write (checkpoint-500, config.json, model.safetensors); choose "
+            "another output_dir, or set overwrite_output_dir: true to train into it (only ftkit's own files there "
+            "are replaced)"),
+        files={"hf/config.json": "{}", "hf/model.safetensors": b"weights", "hf/checkpoint-500/trainer_state.json": "{}"}),
     Row("train-launcher-config-not-utf8", ["train", "ok.yml", "--launcher", "acc.yaml"], err(
         "acc.yaml:2: not UTF-8 text (byte 0xff); save the accelerate config as UTF-8"),
         files={"acc.yaml": b"distributed_type: MULTI_GPU\nnum_processes: \xff\n"}),

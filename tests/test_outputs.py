@@ -65,6 +65,18 @@ def test_a_users_readme_is_kept_and_the_card_goes_beside_it(tmp_path):
     assert rundir.clear_run(ours) == ["README.md"]  # an earlier run's card goes with the run
 
 
+def test_another_trainers_output_with_checkpoints_is_not_an_unfinished_ftkit_run(tmp_path):
+    """transformers' Trainer leaves the final model beside checkpoint-N: chat --model must load it, and training must
+    not take it for a killed ftkit run (whose files overwrite_output_dir removes)."""
+    (tmp_path / "checkpoint-500").mkdir()
+    (tmp_path / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")
+    assert rundir.state(tmp_path) == "foreign"
+    rundir.require_finished(tmp_path)  # no error
+    rundir.claim(tmp_path, "run")
+    assert rundir.state(tmp_path) == "unfinished"
+
+
 def test_clear_run_removes_only_what_the_run_wrote(tmp_path):
     """A shared folder trained into with overwrite_output_dir: the user's files named like ftkit's (there before the
     run, or added after it finished) survive clearing the run; what the run wrote goes."""

@@ -7,8 +7,9 @@ markers alone a directory is:
 
     missing / empty   nothing there: ftkit may write
     finished          ftkit_run.json is present and readable
-    unfinished        ftkit's owner marker (or a checkpoint-N) without a readable ftkit_run.json
-    foreign           files ftkit did not write: never overwritten unless the user says so
+    unfinished        ftkit's owner marker without a readable ftkit_run.json
+    foreign           files ftkit did not write (another trainer's checkpoint-N included): never overwritten unless
+                      the user says so
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def state(folder: Path) -> str:
         return "file"
     if read_marker(folder, DONE) is not None:
         return "finished"
-    if (folder / OWNER).is_file() or checkpoints(folder):
+    if (folder / OWNER).is_file():
         return "unfinished"
     return "empty" if not any(folder.iterdir()) else "foreign"
 
@@ -215,6 +216,11 @@ def plan_training_dir(folder: Path, overwrite: bool, resume) -> str:
     if found in ("missing", "empty"):
         return "fresh"
     if overwrite:
+        if found == "foreign" and checkpoints(folder):
+            names = ", ".join(p.name for p in checkpoints(folder)[:3])
+            raise FtkitError(f"output_dir '{folder}' holds checkpoint directories ftkit did not write ({names}); "
+                             "training would save and rotate its own checkpoint-N beside them: choose another "
+                             "output_dir")
         return "overwrite"
     if found == "finished":
         raise FtkitError(f"output_dir '{folder}' already holds a finished run; choose another output_dir, "
