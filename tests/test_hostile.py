@@ -194,6 +194,10 @@ VALUE_ROWS = [
         "note: lora_r, lora_alpha are ignored without use_peft: true\n", code=0),
     Row("mixer-weight-nan", validate("dataset_mixer={data.jsonl: .nan}"), value(
         "dataset_mixer", "weight of 'data.jsonl' must be a number >= 0, got nan")),
+    Row("mixer-weight-a-list", validate("dataset_mixer={data.jsonl: [1]}"), value(
+        "dataset_mixer", "weight of 'data.jsonl' must be a number >= 0, got [1]")),
+    Row("mixer-weight-a-mapping", ["validate", "ok.yml"], err("ok.yml:2: 'dataset_mixer': weight of 'data.jsonl' "
+        "must be a number >= 0, got {'rows': 2}"), files={"ok.yml": RECIPE.replace("1.0", "{rows: 2}")}),
     Row("mixer-source-missing", validate("dataset_mixer={data/train.jsonl: 1}"), value(
         "dataset_mixer", "data source 'data/train.jsonl' does not exist")),
     Row("mixer-source-not-a-data-file", validate("dataset_mixer={notes.txt: 1}"), value(

@@ -134,10 +134,9 @@ def check_data(recipe: Recipe) -> Problems:
         problems.append(("dataset_mixer", "no dataset: set dataset_mixer (source: weight), dataset_mixture or dataset_name"))
     if len(given) > 1:
         problems.append((given[1], f"give one of {', '.join(given)}, not several"))
-    for source, weight in (d.dataset_mixer or {}).items():
-        if not is_number(weight) or not weight >= 0:
-            problems.append(("dataset_mixer", f"weight of '{source}' must be a number >= 0, got {weight!r}"))
-    problems += check_sources(recipe)
+    weights = [("dataset_mixer", f"weight of '{source}' must be a number >= 0, got {weight!r}")
+               for source, weight in (d.dataset_mixer or {}).items() if not is_number(weight) or not weight >= 0]
+    problems += weights or check_sources(recipe)  # the sources are read as numbers once every weight is one
     if d.dataset_splits is not None and not all(isinstance(s, str) for s in d.dataset_splits):
         problems.append(("dataset_splits", "must be a list of split names"))
     problems += check_test_split(recipe)
