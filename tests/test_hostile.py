@@ -301,6 +301,13 @@ PREDICT_ROWS = [
     Row("predict-input-row-not-an-object", predict("preds.jsonl", data="list.json"), err(
         "list.json: row 2: expected a JSON object ({...}), got a string"),
         files={"list.json": json.dumps([{"prompt": "q"}, "just text"])}),
+    Row("predict-input-image-part", predict("preds.jsonl", data="photos.jsonl"), err(
+        "photos.jsonl: row 2: turn 1: a content part of type 'image_url' is not text; ftkit trains text-only models "
+        "(images, audio and files are not supported yet)"), files={"photos.jsonl": ROWS[:ROWS.index("\n") + 1] + json.dumps(
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}]}) + "\n"}),
+    Row("predict-input-row-without-question", predict("preds.jsonl"), err(
+        "data.jsonl: row 5: the conversation does not end with a user turn (or a tool result) to answer"),
+        files={"data.jsonl": ROWS + json.dumps({"messages": QA[1:]}) + "\n"}),
     Row("predict-input-unknown-type", predict("preds.jsonl", data="notes.txt"), err(
         "notes.txt: expected one of .json, .jsonl, .csv, .tsv, .parquet, .arrow")),
     Row("predict-without-adapter-or-model", ["predict", "--input", "data.jsonl", "--output", "preds.jsonl"],
