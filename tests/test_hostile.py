@@ -198,6 +198,8 @@ VALUE_ROWS = [
         "dataset_mixer", "weight of 'data.jsonl' must be a number >= 0, got [1]")),
     Row("mixer-weight-a-mapping", ["validate", "ok.yml"], err("ok.yml:2: 'dataset_mixer': weight of 'data.jsonl' "
         "must be a number >= 0, got {'rows': 2}"), files={"ok.yml": RECIPE.replace("1.0", "{rows: 2}")}),
+    Row("mixer-a-list", ["validate", "ok.yml"], err("ok.yml:2: 'dataset_mixer': expected dict, got list "
+        "['data.jsonl']"), files={"ok.yml": RECIPE.replace("dataset_mixer:\n  data.jsonl: 1.0", "dataset_mixer: [data.jsonl]")}),
     Row("mixer-source-missing", validate("dataset_mixer={data/train.jsonl: 1}"), value(
         "dataset_mixer", "data source 'data/train.jsonl' does not exist")),
     Row("mixer-source-not-a-data-file", validate("dataset_mixer={notes.txt: 1}"), value(
