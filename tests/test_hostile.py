@@ -140,6 +140,13 @@ VALUE_ROWS = [
     Row("max-steps-beyond-int64", validate("max_steps=100000000000000000000"), value(
         "max_steps", "100000000000000000000 is out of range (the largest accepted number is 9223372036854775807)")),
     Row("seed-negative", validate("seed=-1"), value("seed", "must be in [0, 2**32), got -1")),
+    Row("eval-samples-negative", validate("eval_samples=-3"), value(
+        "eval_samples", "must be >= 0 (0 answers no eval prompts), got -3")),
+    Row("eval-samples-max-new-tokens-zero", validate("eval_samples_max_new_tokens=0"), value(
+        "eval_samples_max_new_tokens", "must be >= 1, got 0")),
+    Row("method-a-list", validate("method=[dpo]"), value("method", "expected str, got list ['dpo']")),
+    Row("method-alias-a-mapping", ["validate", "ok.yml"], err("ok.yml:6: 'method': expected str, got dict "
+        "{'dpo': True}"), files={"ok.yml": RECIPE + "rl: {dpo: true}\n"}),
     Row("report-to-unknown", validate("report_to=foo"), value(
         "report_to", f"'foo' is not a reporting integration; {INTEGRATIONS}")),
     Row("report-to-typo-in-list", validate("report_to=[wandb, tensorbord]"), value(
@@ -187,6 +194,12 @@ VALUE_ROWS = [
         "note: lora_r, lora_alpha are ignored without use_peft: true\n", code=0),
     Row("mixer-weight-nan", validate("dataset_mixer={data.jsonl: .nan}"), value(
         "dataset_mixer", "weight of 'data.jsonl' must be a number >= 0, got nan")),
+    Row("mixer-weight-a-list", validate("dataset_mixer={data.jsonl: [1]}"), value(
+        "dataset_mixer", "weight of 'data.jsonl' must be a number >= 0, got [1]")),
+    Row("mixer-weight-a-mapping", ["validate", "ok.yml"], err("ok.yml:2: 'dataset_mixer': weight of 'data.jsonl' "
+        "must be a number >= 0, got {'rows': 2}"), files={"ok.yml": RECIPE.replace("1.0", "{rows: 2}")}),
+    Row("mixer-a-list", ["validate", "ok.yml"], err("ok.yml:2: 'dataset_mixer': expected dict, got list "
+        "['data.jsonl']"), files={"ok.yml": RECIPE.replace("dataset_mixer:\n  data.jsonl: 1.0", "dataset_mixer: [data.jsonl]")}),
     Row("mixer-source-missing", validate("dataset_mixer={data/train.jsonl: 1}"), value(
         "dataset_mixer", "data source 'data/train.jsonl' does not exist")),
     Row("mixer-source-not-a-data-file", validate("dataset_mixer={notes.txt: 1}"), value(
@@ -217,6 +230,16 @@ TRAIN_ROWS = [
     Row("train-over-the-base-model", ["train", "ok.yml", "--set", "output_dir=model", "--set",
                                       "overwrite_output_dir=true"],
         value("output_dir", "'model' is the model_name_or_path directory 'model'; choose another output_dir")),
+    Row("train-overwrite-into-another-trainers-output", ["train", "ok.yml", "--set", "output_dir=hf", "--set",
+                                                         "overwrite_output_dir=true"],
+        err("output_dir 'hf' holds checkpoint directories ftkit did not write (checkpoint-500); training would save "
+            "and rotate its own checkpoint-N beside them: choose another output_dir"),
+        files={"hf/config.json": "{}", "hf/model.safetensors": b"weights", "hf/checkpoint-500/trainer_state.json": "{}"}),
+    Row("train-into-another-trainers-output", ["train", "ok.yml", "--set", "output_dir=hf"],
+        err("output_dir 'hf' holds files ftkit did not write (checkpoint-500, config.json, model.safetensors); choose "
+            "another output_dir, or set overwrite_output_dir: true to train into it (only ftkit's own files there "
+            "are replaced)"),
+        files={"hf/config.json": "{}", "hf/model.safetensors": b"weights", "hf/checkpoint-500/trainer_state.json": "{}"}),
     Row("train-launcher-config-not-utf8", ["train", "ok.yml", "--launcher", "acc.yaml"], err(
         "acc.yaml:2: not UTF-8 text (byte 0xff); save the accelerate config as UTF-8"),
         files={"acc.yaml": b"distributed_type: MULTI_GPU\nnum_processes: \xff\n"}),
@@ -280,6 +303,13 @@ PREDICT_ROWS = [
     Row("predict-input-row-not-an-object", predict("preds.jsonl", data="list.json"), err(
         "list.json: row 2: expected a JSON object ({...}), got a string"),
         files={"list.json": json.dumps([{"prompt": "q"}, "just text"])}),
+    Row("predict-input-image-part", predict("preds.jsonl", data="photos.jsonl"), err(
+        "photos.jsonl: row 2: turn 1: a content part of type 'image_url' is not text; ftkit trains text-only models "
+        "(images, audio and files are not supported yet)"), files={"photos.jsonl": ROWS[:ROWS.index("\n") + 1] + json.dumps(
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}]}) + "\n"}),
+    Row("predict-input-row-without-question", predict("preds.jsonl"), err(
+        "data.jsonl: row 5: the conversation does not end with a user turn (or a tool result) to answer"),
+        files={"data.jsonl": ROWS + json.dumps({"messages": QA[1:]}) + "\n"}),
     Row("predict-input-unknown-type", predict("preds.jsonl", data="notes.txt"), err(
         "notes.txt: expected one of .json, .jsonl, .csv, .tsv, .parquet, .arrow")),
     Row("predict-without-adapter-or-model", ["predict", "--input", "data.jsonl", "--output", "preds.jsonl"],

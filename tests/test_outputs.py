@@ -65,6 +65,36 @@ def test_a_users_readme_is_kept_and_the_card_goes_beside_it(tmp_path):
     assert rundir.clear_run(ours) == ["README.md"]  # an earlier run's card goes with the run
 
 
+def test_another_trainers_output_with_checkpoints_is_not_an_unfinished_ftkit_run(tmp_path):
+    """transformers' Trainer leaves the final model beside checkpoint-N: chat --model must load it, and training must
+    not take it for a killed ftkit run (whose files overwrite_output_dir removes)."""
+    (tmp_path / "checkpoint-500").mkdir()
+    (tmp_path / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")
+    assert rundir.state(tmp_path) == "foreign"
+    rundir.require_finished(tmp_path)  # no error
+    rundir.claim(tmp_path, "run")
+    assert rundir.state(tmp_path) == "unfinished"
+
+
+def test_clear_run_removes_only_what_the_run_wrote(tmp_path):
+    """A shared folder trained into with overwrite_output_dir: the user's files named like ftkit's (there before the
+    run, or added after it finished) survive clearing the run; what the run wrote goes."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "mine.txt").write_text("other runs' logs\n")
+    (tmp_path / "config.json").write_text("{}\n")
+    rundir.claim(tmp_path, "run")
+    for name in ("adapter_model.safetensors", "train.log", "checkpoint-2"):
+        (tmp_path / name).mkdir() if name.startswith("checkpoint") else (tmp_path / name).write_text("ftkit\n")
+    rundir.finish(tmp_path, {"peft": True})
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "vocab.json").write_text("added later\n")
+    assert sorted(rundir.clear_run(tmp_path)) == sorted(["adapter_model.safetensors", "train.log", "checkpoint-2",
+                                                         rundir.DONE, rundir.OWNER])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "runs", "vocab.json", "wandb"]
+    assert (tmp_path / "runs" / "mine.txt").read_text() == "other runs' logs\n"
+
+
 def test_clear_run_takes_pefts_blank_template_from_an_earlier_ftkit_run_only(tmp_path):
     (tmp_path / "README.md").write_text("---\n---\n# Model Card for Model ID\n\n" + rundir.PEFT_BLANK_CARD + "\n")
     assert rundir.clear_run(tmp_path) == ["README.md"]

@@ -7,8 +7,9 @@ markers alone a directory is:
 
     missing / empty   nothing there: ftkit may write
     finished          ftkit_run.json is present and readable
-    unfinished        ftkit's owner marker (or a checkpoint-N) without a readable ftkit_run.json
-    foreign           files ftkit did not write: never overwritten unless the user says so
+    unfinished        ftkit's owner marker without a readable ftkit_run.json
+    foreign           files ftkit did not write (another trainer's checkpoint-N included): never overwritten unless
+                      the user says so
 """
 
 from __future__ import annotations
@@ -86,21 +87,34 @@ def state(folder: Path) -> str:
         return "file"
     if read_marker(folder, DONE) is not None:
         return "finished"
-    if (folder / OWNER).is_file() or checkpoints(folder):
+    if (folder / OWNER).is_file():
         return "unfinished"
     return "empty" if not any(folder.iterdir()) else "foreign"
 
 
 def claim(folder: Path, kind: str) -> None:
-    """Create the directory if needed and write the ownership marker before anything else."""
+    """Create the directory if needed and write the ownership marker before anything else; it lists what was
+    there already (`kept`), which clear_run never removes."""
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / OWNER, {"written_by": "ftkit", "kind": kind, "ftkit_version": __version__,
-                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                       "kept": sorted(p.name for p in folder.iterdir())})
 
 
 def finish(folder: Path, metadata: dict) -> None:
-    """The completion marker: written last, so a killed save leaves the directory 'unfinished'."""
+    """The completion marker: written last, so a killed save leaves the directory 'unfinished'. Before it, the
+    ownership marker records what the run wrote (`written`): files added later are not clear_run's to remove."""
+    owner = read_marker(folder, OWNER)
+    if owner is not None:
+        kept = set(names(owner.get("kept")) or ())
+        written = sorted({p.name for p in folder.iterdir()} - kept | {DONE})
+        write_json_atomic(folder / OWNER, {**owner, "written": written})
     write_json_atomic(folder / DONE, metadata)
+
+
+def names(listed) -> list[str] | None:
+    """A marker's list of entry names; None when it has none (a marker from before ftkit recorded them)."""
+    return [n for n in listed if isinstance(n, str)] if isinstance(listed, list) else None
 
 
 def is_ftkit_card(path: Path, blank_template: bool = False) -> bool:
@@ -115,14 +129,17 @@ def is_ftkit_card(path: Path, blank_template: bool = False) -> bool:
 
 
 def clear_run(folder: Path) -> list[str]:
-    """Remove what an earlier ftkit run wrote (RUN_ARTIFACTS, and its model card), leaving every other file.
-    -> names removed."""
-    removed = []
+    """Remove what an earlier ftkit run wrote (RUN_ARTIFACTS, and its model card), leaving every other file: what
+    the ownership marker says was there before the run, or was not written by it. -> names removed."""
+    removed, owner = [], read_marker(folder, OWNER) or {}
+    kept, written = set(names(owner.get("kept")) or ()), names(owner.get("written"))
     if is_ftkit_card(folder / "README.md", blank_template=True):  # clear_run is only called on ftkit's own runs
         (folder / "README.md").unlink()
         removed.append("README.md")
     for pattern in RUN_ARTIFACTS + (OWNER,):
         for path in sorted(folder.glob(pattern)):
+            if path.name in kept or (written is not None and path.name not in written):
+                continue  # there before the run claimed the folder, or added after it finished: not ftkit's
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
@@ -199,6 +216,11 @@ def plan_training_dir(folder: Path, overwrite: bool, resume) -> str:
     if found in ("missing", "empty"):
         return "fresh"
     if overwrite:
+        if found == "foreign" and checkpoints(folder):
+            names = ", ".join(p.name for p in checkpoints(folder)[:3])
+            raise FtkitError(f"output_dir '{folder}' holds checkpoint directories ftkit did not write ({names}); "
+                             "training would save and rotate its own checkpoint-N beside them: choose another "
+                             "output_dir")
         return "overwrite"
     if found == "finished":
         raise FtkitError(f"output_dir '{folder}' already holds a finished run; choose another output_dir, "

@@ -125,7 +125,10 @@ def read_examples(path: Path, system: str | None) -> list[Example]:
 
     rows = read_rows([path])
     fmt = input_format(list(dict.fromkeys(key for row in rows for key in row)))
-    return [to_example(row, fmt, number, system) for number, row in enumerate(rows, 1)]
+    try:
+        return [to_example(row, fmt, number, system) for number, row in enumerate(rows, 1)]
+    except FtkitError as err:  # "row N: ..." names the file it is in, as read_rows' errors do
+        raise FtkitError(f"{path}: {err}") from None
 
 
 def done_rows(output: Path) -> dict[int, dict]:

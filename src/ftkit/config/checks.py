@@ -134,10 +134,9 @@ def check_data(recipe: Recipe) -> Problems:
         problems.append(("dataset_mixer", "no dataset: set dataset_mixer (source: weight), dataset_mixture or dataset_name"))
     if len(given) > 1:
         problems.append((given[1], f"give one of {', '.join(given)}, not several"))
-    for source, weight in (d.dataset_mixer or {}).items():
-        if not is_number(weight) or not weight >= 0:
-            problems.append(("dataset_mixer", f"weight of '{source}' must be a number >= 0, got {weight!r}"))
-    problems += check_sources(recipe)
+    weights = [("dataset_mixer", f"weight of '{source}' must be a number >= 0, got {weight!r}")
+               for source, weight in (d.dataset_mixer or {}).items() if not is_number(weight) or not weight >= 0]
+    problems += weights or check_sources(recipe)  # the sources are read as numbers once every weight is one
     if d.dataset_splits is not None and not all(isinstance(s, str) for s in d.dataset_splits):
         problems.append(("dataset_splits", "must be a list of split names"))
     problems += check_test_split(recipe)
@@ -239,6 +238,11 @@ def check_training(recipe: Recipe) -> Problems:
     for key in ("seed", "data_seed"):
         if s.get(key) is not None and not 0 <= s[key] < SEED_LIMIT:
             problems.append((key, f"must be in [0, 2**32), got {s[key]}"))
+    run = recipe.run
+    if run.eval_samples is not None and run.eval_samples < 0:
+        problems.append(("eval_samples", f"must be >= 0 (0 answers no eval prompts), got {run.eval_samples}"))
+    if run.eval_samples_max_new_tokens < 1:  # generate() would refuse it after the run directory was claimed
+        problems.append(("eval_samples_max_new_tokens", f"must be >= 1, got {run.eval_samples_max_new_tokens}"))
     problems += check_report_to(s.get("report_to")) + check_resume(s.get("resume_from_checkpoint"))
     problems += check_output_dir(recipe)
     if s.get("bf16") and s.get("fp16"):

@@ -146,7 +146,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
     items = [(k, v, f"{label}:{lines[k]}" if k in lines else label) for k, v in data.items()]
     items += [(k, v, f"--set {k}") for k, v in extra.items()]
 
-    problems, notes = [], []
+    problems, notes, rejected = [], [], set()  # rejected: keys whose value was refused (left at their default)
     items, method = resolve_method(items, notes, problems)
     table = key_table(method)
     sections: dict[str, dict[str, Any]] = {name: {} for name in (*SECTIONS, "sft")}
@@ -171,6 +171,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
         problem = check_value(key, value, kinds, choices)
         if problem:
             problems.append(f"{where}: '{key}': {problem}")
+            rejected.add(key)
             continue
         sections[section][key] = value
 
@@ -184,7 +185,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
         notes=notes,
     )
     where_of = {k: w for k, _, w in items}
-    problems += [f"{where_of.get(k, label)}: '{k}': {msg}" for k, msg in recipe_checks.check(recipe)]
+    problems += [f"{where_of.get(k, label)}: '{k}': {msg}" for k, msg in recipe_checks.check(recipe)
+                 if k not in rejected]  # a refused value's default would only add a second line about it
     if problems:
         raise FtkitError(*problems)
     return recipe
@@ -207,7 +209,8 @@ def resolve_method(items: list, notes: list[str], problems: list[str]) -> tuple[
         if value == "ipo":
             problems.append(f"{given[-1][2]}: 'method': IPO is DPO with another loss: set method: dpo and "
                             "loss_type: ipo")
-        return items, value if value in METHOD_CONFIGS else "sft"  # a bad value is reported by the key check
+        known = isinstance(value, str) and value in METHOD_CONFIGS
+        return items, value if known else "sft"  # a bad value is reported by the key check
     sft_table, dpo_table = key_table("sft"), key_table("dpo")
     for key, value, where in items:
         if key in PREFERENCE_DATA_KEYS or (key in dpo_table and key not in sft_table) or (
