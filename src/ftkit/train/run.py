@@ -238,6 +238,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path,
     from ftkit.train import options as train_options
     from ftkit.train.args import sft_config
     from ftkit.train.callbacks import InterruptCheckpoint, NonFiniteLossGuard, replace_progress_callbacks
+    from ftkit.train.lm_head import use_materialised_head
     from ftkit.train.loss import count_step_tokens
 
     loss_guard, interrupt = NonFiniteLossGuard(), InterruptCheckpoint()
@@ -266,4 +267,6 @@ def build_trainer(recipe: Recipe, model, tokenizer, precision, state, out: Path,
     train_options.fix_quantized_trainable_dtype(trainer.model, precision, log)  # TRL casts them to bf16
     if recipe.method == "sft" and count_step_tokens(trainer):
         log("note: this model's forward takes no loss kwargs; ftkit normalises the loss by the step's trained tokens")
+    if recipe.method == "sft":
+        use_materialised_head(trainer, precision.device, log)
     return trainer, loss_guard, interrupt
