@@ -86,6 +86,9 @@ CLI_ROWS = [
     Row("usage-missing-option", ["predict", "--input", "data.jsonl"], usage("predict", "Missing option '--output'.")),
     Row("usage-samples-not-a-number", ["preview", "ok.yml", "-n", "abc"],
         usage("preview", f"Invalid value for '-n' / '--samples': {BAD_INT}", " {recipe}")),
+    Row("usage-samples-negative", ["preview", "ok.yml", "-n", "-1"],
+        usage("preview", "Invalid value for '-n' / '--samples': Input should be greater than or equal to 0",
+              " {recipe}")),
     Row("usage-merge-without-adapter", ["merge", "--output", "out"], usage("merge", "Missing option '--adapter'.")),
     Row("set-without-equals", ["validate", "ok.yml", "--set", "oops"],
         err("--set 'oops': expected KEY=VALUE, e.g. --set learning_rate=2e-4")),
@@ -257,6 +260,21 @@ ESTIMATE_ROWS = [
     Row("estimate-zero-heads", ["estimate", "ok.yml"], err("model/config.json: hidden_size 64, num_hidden_layers 2, "
         "num_attention_heads 0 and vocab_size 1024 must all be positive"),
         files={"model/config.json": json.dumps({**CONFIG, "num_attention_heads": 0})}),
+    Row("estimate-size-not-a-number", ["estimate", "ok.yml"], err(
+        'model/config.json: hidden_size is "64"; it must be a whole number'),
+        files={"model/config.json": json.dumps({**CONFIG, "hidden_size": "64"})}),
+    Row("estimate-size-a-boolean", ["estimate", "ok.yml"], err(
+        "model/config.json: num_hidden_layers is true; it must be a whole number"),
+        files={"model/config.json": json.dumps({**CONFIG, "num_hidden_layers": True})}),
+    Row("estimate-kv-heads-do-not-divide", ["estimate", "ok.yml"], err(
+        "model/config.json: num_key_value_heads 3 must be positive and divide num_attention_heads 4"),
+        files={"model/config.json": json.dumps({**CONFIG, "num_key_value_heads": 3})}),
+    Row("estimate-zero-kv-heads", ["estimate", "ok.yml"], err(
+        "model/config.json: num_key_value_heads 0 must be positive and divide num_attention_heads 4"),
+        files={"model/config.json": json.dumps({**CONFIG, "num_key_value_heads": 0})}),
+    Row("estimate-hidden-not-split-by-heads", ["estimate", "ok.yml"], err(
+        "model/config.json: hidden_size 66 is not a multiple of num_attention_heads 4, and there is no head_dim"),
+        files={"model/config.json": json.dumps({**CONFIG, "hidden_size": 66})}),
     Row("estimate-config-not-json", ["estimate", "ok.yml"], err("model/config.json: not readable JSON (Expecting "
         "property name enclosed in double quotes: line 1 column 2 (char 1))"), files={"model/config.json": "{"}),
 ]
@@ -357,6 +375,8 @@ MERGE_ROWS = [
 CHAT_SERVE_ROWS = [
     Row("chat-prompt-not-utf8", ["chat", "--adapter", "runs/x", "--prompt", "caf\udce9"], err(
         "--prompt is not UTF-8 text (byte 0xe9 at character 4)")),
+    Row("chat-prompt-empty", ["chat", "--adapter", "runs/x", "--prompt", " "], err(
+        "--prompt is empty: give the message to answer, or leave --prompt out for a conversation")),
     Row("chat-temperature-nan", ["chat", "--adapter", "runs/x", "--temperature", "nan"], err(
         "temperature must be a finite number, got nan")),
     Row("chat-seed-negative", ["chat", "--adapter", "runs/x", "--seed", "-1"], err(
@@ -496,3 +516,14 @@ def test_merge_overwrite_replaces_only_a_complete_merge(trained_run, tmp_path, m
     assert json.loads((out / "ftkit_run.json").read_text())["dtype"] == "bfloat16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "mine.txt"]
     assert mine.read_text(encoding="utf-8") == "next to the merge\n"
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_status(tmp_path, monkeypatch, capsys):
+    """--debug adds the traceback to the one line; a bad input still exits 2, not 1."""
+    from tests.helpers import cli
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(["--debug", "validate", "missing.yml"], capsys)
+    assert (code, out) == (2, "")
+    assert err.startswith("Traceback (most recent call last):\n")
+    assert err.splitlines()[-1] == "ftkit: error: missing.yml: recipe file not found"

@@ -108,7 +108,7 @@ def doctor(json_: bool = typer.Option(False, "--json", help="Print the findings 
 def preview(
     recipe: Path = RecipeArg,
     set_: Optional[list[str]] = SetOpt,
-    n: int = typer.Option(3, "-n", "--samples", help="How many samples to render token by token."),
+    n: int = typer.Option(3, "-n", "--samples", min=0, help="How many samples to render token by token."),
     json_: bool = typer.Option(False, "--json", help="Print only the statistics, as JSON, for scripts."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-tokenise the data instead of reusing the cache."),
 ) -> None:
@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run one command; every outcome leaves as an exit status: 0, 2 (the user's input), 130 (interrupted),
     1 (a bug or a library failure: one line, --debug for the traceback)."""
     import importlib
+    import traceback
 
     # typer raises its own bundled copy of click's exceptions; find them through a public name
     click_errors = importlib.import_module(typer.BadParameter.__module__)
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=args, prog_name="ftkit", standalone_mode=False)
     except FtkitError as err:
         if debug:
-            raise
+            traceback.print_exc()
         from ftkit.dist import is_main_process
 
         if is_main_process():  # every worker meets the same problem: rank 0 alone reports it
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         code = err.exit_code
     except Exception as err:  # a bug or a library failure we did not anticipate: one line, not a wall
         if debug:
-            raise
+            traceback.print_exc()
         typer.echo(f"ftkit: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
     if code == 130:  # typer turns Ctrl-C into this value when it is not standalone

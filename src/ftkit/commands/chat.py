@@ -67,6 +67,8 @@ def run_chat(adapter, model_dir, base, prompt, system, options: GenerationOption
 
     options.check()
     check_arg_text(prompt, "--prompt")
+    if prompt is not None and not prompt.strip():
+        raise FtkitError("--prompt is empty: give the message to answer, or leave --prompt out for a conversation")
     check_arg_text(system, "--system")
     tools, kwargs = read_tools(tools_path), parse_template_kwargs(template_kwargs)
     quiet_loading()

@@ -4,6 +4,7 @@ checkpointing default, which turns it on only where a run would not fit without 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from ftkit.config.precision import GPU_WITH_BF16, Hardware, training_precision
@@ -68,24 +69,51 @@ def _get(config: dict, *names, default=None):
     return default
 
 
-def architecture(config: dict) -> Architecture:
-    """Shapes of every weight of a decoder-only model, from its config.json."""
-    if isinstance(config.get("text_config"), dict):  # multimodal wrappers (Gemma 3, Llava): the language model
-        config = {**config, **config["text_config"]}
-    model_type = str(config.get("model_type", "")).lower()
-    hidden = _get(config, "hidden_size", "n_embd", "d_model")
-    layers = _get(config, "num_hidden_layers", "n_layer", "num_layers")
-    heads = _get(config, "num_attention_heads", "n_head")
-    vocab = _get(config, "vocab_size")
-    if not all(isinstance(v, int) for v in (hidden, layers, heads, vocab)):
+def _size(config: dict, *names, default=None):
+    """A whole number of config.json under the first of `names` it has (`default` when none); a value of another
+    type (a string "64", true) is one line naming its key, not a figure computed from it."""
+    for name in names:
+        value = config.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise FtkitError(f"config.json: {name} is {json.dumps(value)}; it must be a whole number")
+            return value
+    return default
+
+
+def _sizes(config: dict) -> tuple[int, ...]:
+    """(hidden, layers, heads, vocab, kv_heads, head_dim, intermediate) of config.json, each checked: a figure
+    computed from a nonsense shape would be trusted."""
+    hidden = _size(config, "hidden_size", "n_embd", "d_model")
+    layers = _size(config, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _size(config, "num_attention_heads", "n_head")
+    vocab = _size(config, "vocab_size")
+    if None in (hidden, layers, heads, vocab):
         raise FtkitError("config.json lacks hidden_size, num_hidden_layers, num_attention_heads or vocab_size: "
                          "not a decoder-only language model ftkit can estimate")
     if min(hidden, layers, heads, vocab) < 1:
         raise FtkitError(f"config.json: hidden_size {hidden}, num_hidden_layers {layers}, num_attention_heads "
                          f"{heads} and vocab_size {vocab} must all be positive")
-    kv_heads = _get(config, "num_key_value_heads", default=1 if config.get("multi_query") else heads)
-    head_dim = _get(config, "head_dim", default=hidden // heads)
-    intermediate = _get(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+    kv_heads = _size(config, "num_key_value_heads", default=1 if config.get("multi_query") else heads)
+    if kv_heads < 1 or heads % kv_heads:
+        raise FtkitError(f"config.json: num_key_value_heads {kv_heads} must be positive and divide "
+                         f"num_attention_heads {heads}")
+    if config.get("head_dim") is None and hidden % heads:
+        raise FtkitError(f"config.json: hidden_size {hidden} is not a multiple of num_attention_heads {heads}, and "
+                         "there is no head_dim")
+    head_dim = _size(config, "head_dim", default=hidden // heads)
+    intermediate = _size(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+    if min(head_dim, intermediate) < 1:
+        raise FtkitError(f"config.json: head_dim {head_dim} and intermediate_size {intermediate} must be positive")
+    return hidden, layers, heads, vocab, kv_heads, head_dim, intermediate
+
+
+def architecture(config: dict) -> Architecture:
+    """Shapes of every weight of a decoder-only model, from its config.json."""
+    if isinstance(config.get("text_config"), dict):  # multimodal wrappers (Gemma 3, Llava): the language model
+        config = {**config, **config["text_config"]}
+    model_type = str(config.get("model_type", "")).lower()
+    hidden, layers, heads, vocab, kv_heads, head_dim, intermediate = _sizes(config)
     tied = _get(config, "tie_word_embeddings", default=TIED_DEFAULT.get(model_type, True))
     gated = model_type not in NOT_GATED
     notes: list[str] = []
