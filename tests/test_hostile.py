@@ -438,6 +438,11 @@ DATA_ROWS = [  # files, recipe lines after the model, expected stderr
         files={"data.jsonl": rows_of(QA) + '"q and a"\n'}),
     Row("data-line-nested-too-deeply", [], err("data.jsonl:2: not valid JSON: nested too deeply"),
         files={"data.jsonl": rows_of(QA) + "[" * 100_000 + "]" * 100_000 + "\n"}),
+    Row("data-only-weight-0-turns", [], err("no training samples left after tokenising: 2 with no token to train "
+        "on (only weight-0 turns, train_on leaves nothing, or max_length cuts the answer off; `ftkit preview` shows "
+        "the masks)"), files={"data.jsonl": rows_of(*[[QA[0], {**QA[1], "weight": 0}]] * 2)}),
+    Row("data-every-row-too-long", ["data.jsonl", "max_length: 8", "overlong: drop"], err("no training samples left "
+        "after tokenising: 4 longer than max_length (raise max_length, or overlong: truncate)")),
     Row("data-line-not-json", [], err("data.jsonl:2: not valid JSON: Expecting value (column 15)"),
         files={"data.jsonl": rows_of(QA) + '{"messages": [}\n'}),
     Row("data-parquet-not-parquet", ["data.parquet"], err("data.parquet: could not be read as parquet: Parquet magic "

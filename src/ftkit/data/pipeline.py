@@ -19,6 +19,7 @@ from ftkit.data.chat_format import ChatFormat
 from ftkit.data.loading import MixStats, load_mixture, local_files
 from ftkit.config.sources import data_seed, mixture_option, sources_from_recipe
 from ftkit.data.tokenize import DataStats, Prepared, encode_batch, stored
+from ftkit.errors import FtkitError
 
 LAYOUT = 2  # how rows become samples and what the cache holds; a change makes older cache entries unused
 
@@ -106,6 +107,17 @@ def tokenize_rows(rows: list[dict], chat_format: ChatFormat, recipe, stats: Data
     return kept.remove_columns(["truncated", "keep", "n_trained", "split", "unrendered"])
 
 
+def no_samples_left(stats) -> str:
+    """Why no training sample is left, from what tokenising dropped."""
+    reasons = []
+    if stats.dropped_overlong:
+        reasons.append(f"{stats.dropped_overlong:,} longer than max_length (raise max_length, or overlong: truncate)")
+    if stats.dropped_no_loss:
+        reasons.append(f"{stats.dropped_no_loss:,} with no token to train on (only weight-0 turns, train_on leaves "
+                       "nothing, or max_length cuts the answer off; `ftkit preview` shows the masks)")
+    return "no training samples left after tokenising: " + ("; ".join(reasons) or "the data has no rows")
+
+
 def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=print) -> Prepared:
     if recipe.data.streaming:
         from ftkit.data.streaming import build_streaming
@@ -127,9 +139,7 @@ def build_datasets(recipe, chat_format: ChatFormat, use_cache: bool = True, log=
     stats.train_rows, stats.eval_rows = len(train), len(evaluation) if evaluation is not None else 0
     stats.cache = key
     if stats.train_rows == 0:
-        from ftkit.errors import FtkitError
-
-        raise FtkitError("no training samples left after tokenising: every sample was dropped (see max_length, overlong)")
+        raise FtkitError(no_samples_left(stats))
     log(f"tokenised {len(train_rows) + len(eval_rows):,} conversations (cache {key})")
     conversations = [{k: row[k] for k in ("messages", "tools", "chat_template_kwargs")} for row in eval_rows
                      if row["messages"]]
