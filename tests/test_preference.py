@@ -282,6 +282,21 @@ def test_reference_free_methods_from_the_base_model(tiny_model, tmp_path, method
 
 
 @pytest.mark.slow
+def test_full_dpo_with_precomputed_reference_log_probs(tiny_model, tmp_path):
+    """Full fine-tuning with precompute_ref_log_probs: the reference pass runs before training (no frozen copy is
+    kept), its progress bar does not reach the terminal, and the model learns the chosen answers."""
+    from ftkit.inference.loading import load_for_chat
+
+    recipe = preference_recipe(tmp_path, tiny_model, "full", "dpo", use_peft=False, precompute_ref_log_probs=True,
+                               loss_type=["sigmoid", "sft"])
+    result = ftkit("train", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Computing reference log probs" not in result.stdout + result.stderr
+    model, _, chat_format = load_for_chat(None, tmp_path / "full", None, None)
+    assert_gives_chosen(model, chat_format)
+
+
+@pytest.mark.slow
 @pytest.mark.xdist_group("port-29500")  # torchrun and accelerate default to the same port: one at a time
 def test_two_process_dpo_with_the_cpu_launcher(trained_run, tmp_path):
     from ftkit.inference.loading import load_for_chat

@@ -5,7 +5,8 @@
   noise (NOISE); with --verbose every record is shown.
 - transformers' progress bars ("Loading weights", "Writing model shards") become the detail of ftkit's phase
   line, through transformers' own tqdm hook; datasets' and huggingface_hub's bars are switched off through
-  their own switches (an HF_*_DISABLE_PROGRESS_BARS variable the user set wins). --verbose keeps every bar.
+  their own switches (an HF_*_DISABLE_PROGRESS_BARS variable the user set wins); any other tqdm bar (TRL's
+  reference log-prob pass) through tqdm's TQDM_DISABLE, unless the user set it. --verbose keeps every bar.
 - The trainer's tqdm bar and raw dict printing are transformers' ProgressCallback/PrinterCallback: the
   trainer replaces those with ftkit's DisplayCallback (train/callbacks.py), not here.
 
@@ -133,9 +134,14 @@ def library_output(display):
     previous_hook = None if verbose else hf_logging.set_tqdm_hook(lambda _factory, args, kwargs: PhaseBar(
         display, *args, **kwargs))
     bars = switch_bars(datasets, hub_utils, off=not verbose)
+    tqdm_off = not verbose and "TQDM_DISABLE" not in os.environ
+    if tqdm_off:
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         yield
     finally:
+        if tqdm_off:
+            os.environ.pop("TQDM_DISABLE", None)
         if not verbose:
             hf_logging.set_tqdm_hook(previous_hook)
         switch_bars(datasets, hub_utils, off=False, only=bars)
