@@ -4,7 +4,6 @@ does not apply, and training through it still memorises."""
 
 from __future__ import annotations
 
-import copy
 import types
 
 import pytest
@@ -19,9 +18,9 @@ def heads(tiny_model):
 
     from ftkit.train.lm_head import materialised_forward
 
-    trl_model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    add_fused_lm_head(trl_model, outputs=SFT_OUTPUTS)
-    ftkit_model = copy.deepcopy(trl_model)
+    trl_model, ftkit_model = (AutoModelForCausalLM.from_pretrained(tiny_model) for _ in range(2))
+    for model in (trl_model, ftkit_model):  # TRL's patch keeps its model's own forward in a closure: no deepcopy
+        add_fused_lm_head(model, outputs=SFT_OUTPUTS)
     ftkit_model.forward = types.MethodType(materialised_forward(ftkit_model.forward, trl_model.config.vocab_size),
                                            ftkit_model)
     return trl_model, ftkit_model

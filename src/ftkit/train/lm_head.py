@@ -43,7 +43,7 @@ def materialised_forward(fused_forward, vocab_size: int):
             return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                                  num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False
-        logits = type(self).forward(self, *args, **kwargs).logits[:, :-1]
+        logits = fused_forward(*args, **kwargs).logits[:, :-1]  # TRL's patch calls the model's own forward
         return head_outputs(logits, labels[:, 1:].to(logits.device), num_items_in_batch)
 
     return forward
