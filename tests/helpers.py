@@ -3,6 +3,7 @@ memorises and the recipe that trains it. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -232,3 +233,29 @@ def trained_runs(input_ids: list[int], labels: list[int]) -> list[list[int]]:
             runs.append(current)
             current = []
     return runs + ([current] if current else [])
+
+
+# Tool-call syntaxes read off the template (data/call_syntax.py): TRL's copies of templates whose calls carry JSON
+# arguments in a layout of their own, and a Mistral-like one written here (JSON around the name and arguments).
+TRL_TEMPLATES = Path(importlib.util.find_spec("trl").submodule_search_locations[0]) / "chat_templates"
+MISTRAL_LIKE = (
+    "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }}[/INST]{% elif m.role == 'assistant' %}"
+    "{{ m.content }}{% if m.tool_calls %}[TOOL_CALLS][{% for c in m.tool_calls %}{\"name\": \"{{ c.function.name }}\", "
+    "\"arguments\": {{ c.function.arguments | tojson }}}{% if not loop.last %}, {% endif %}{% endfor %}]{% endif %}"
+    "</s>{% elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]{% endif %}{% endfor %}")
+# (name, arguments) of the calls one assistant turn makes: nested objects and lists in the arguments
+CALLS = [("get_weather", {"city": "Tinyville", "when": {"day": "today", "hours": [9, 12]}}),
+         ("get_moons", {"planet": "Zorb"})]
+
+
+def template_text(name: str) -> str:
+    return MISTRAL_LIKE if name == "mistral-like" else (TRL_TEMPLATES / name).read_text()
+
+
+def as_generated(chat_format, messages: list[dict], tools: list | None = None) -> str:
+    """The last turn as a model writes it after the prompt for it, up to where generation stops."""
+    from ftkit.data.template_features import generated
+
+    text = generated(chat_format.render(messages, tools=tools), chat_format.prompt(messages[:-1], tools))
+    ends = [text.find(stop) for stop in chat_format.stop_strings() if stop in text]
+    return text[:min(ends)] if ends else text

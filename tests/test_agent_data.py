@@ -16,8 +16,8 @@ from ftkit.config.arguments import ModelArguments
 from ftkit.data.formats import BadRow, detect_format, to_internal
 from ftkit.errors import FtkitError
 from ftkit.train.model import load_tokenizer
-from tests.helpers import (MOONS, REASONING_CHATS, TOOL_CHATS, TOOLS, WEATHER, agent_rows, cli, ftkit, make_recipe,
-                           tool_call, trained_runs, write_jsonl)
+from tests.helpers import (CALLS, MOONS, REASONING_CHATS, TOOL_CHATS, TOOLS, WEATHER, agent_rows, as_generated, cli,
+                           ftkit, make_recipe, template_text, tool_call, trained_runs, write_jsonl)
 
 FAMILIES = ("qwen3", "llama3_1", "qwen2_5")
 QUIET = {"log": lambda *_: None}
@@ -597,3 +597,111 @@ def test_chat_template_kwargs_are_recorded_and_used_by_chat_predict_and_merge(fa
     _, _, chat_format = load_for_chat(run, None, None, None, template_kwargs={"enable_thinking": True})
     assert chat_format.prompt([USER]).endswith("<|im_start|>assistant\n")
     assert '"enable_thinking": false' in (merged / "README.md").read_text()
+
+
+# --- tool calls read back in the template's own syntax (data/call_syntax.py) ------------------------------------
+
+def syntax_format(tiny_model, template: str, special: bool = False):
+    """The tiny tokenizer with `template`; `special`: the template's special-looking strings are special tokens, as
+    in the real model's tokenizer, so decoding drops them from what the model writes."""
+    from transformers import AutoTokenizer
+
+    from ftkit.data.chat_format import SPECIAL_LOOKING, ChatFormat
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = template_text(template)
+    if special:
+        tokenizer.add_tokens(sorted(set(SPECIAL_LOOKING.findall(text)) | {"[TOOL_CALLS]", "<｜tool▁sep｜>"}),
+                             special_tokens=True)
+    return tokenizer, ChatFormat(tokenizer, text, name=template)
+
+
+def call_turn(calls, content: str = "Let me check.") -> list[dict]:
+    return [USER, {"role": "assistant", "content": content,
+                   "tool_calls": [tool_call(name, args, f"call_{i}") for i, (name, args) in enumerate(calls)]}]
+
+
+# gpt-oss's template renders the first call of a turn only, and text beside a call in its analysis channel
+SYNTAXES = [("gptoss.jinja", 1), ("deepseekv3.jinja", 2), ("mistral-like", 2)]
+
+
+@pytest.mark.parametrize("special", [False, True])
+@pytest.mark.parametrize("template, calls", SYNTAXES)
+def test_calls_in_the_templates_own_syntax_come_back_as_calls(tiny_model, template, calls, special):
+    """What the template renders for a turn with text and calls (nested arguments), as the model writes it and as
+    decoding gives it back, reads back as exactly those calls and that text; without text, as the calls alone."""
+    from ftkit.inference.replies import parse_reply
+
+    tokenizer, chat_format = syntax_format(tiny_model, template, special)
+    assert chat_format.features.tool_call_style == "template"
+    for content in ("Let me check.", ""):
+        written = as_generated(chat_format, call_turn(CALLS, content), TOOLS)
+        decoded = tokenizer.decode(tokenizer.encode(written, add_special_tokens=False), skip_special_tokens=True)
+        assert (decoded != written) == special
+        reply = parse_reply(decoded, chat_format.tool_call_style)
+        assert reply.tool_calls == [{"name": n, "arguments": a} for n, a in CALLS[:calls]], decoded
+        assert reply.content == content and reply.reasoning is None
+
+
+@pytest.mark.parametrize("template, calls", SYNTAXES)
+def test_text_that_is_not_a_well_formed_call_stays_text_whole(tiny_model, template, calls):
+    from ftkit.inference.replies import parse_reply
+
+    _, chat_format = syntax_format(tiny_model, template)
+    style = chat_format.tool_call_style
+    written = as_generated(chat_format, call_turn(CALLS[:1]), TOOLS)
+    args = json.dumps(CALLS[0][1])
+    assert args in written
+    for broken in (written.replace(args, args[:-1]),  # cut short
+                   written.replace(args, "{city: Tinyville}"),  # not JSON
+                   written.replace(args, "[1, 2]"),  # not an object
+                   written.replace("get_weather", "get weather"),  # not a name
+                   "The weather is sunny.", "", '{"city": "Tinyville"}'):
+        assert parse_reply(broken, style).tool_calls == [] and parse_reply(broken, style).content == broken, broken
+    assert parse_reply(written, None).content == written  # no tools in the request: no calls read
+
+
+@pytest.mark.parametrize("template", ["gemma4.jinja", "lfm2_2_5.jinja", "muse_glimmer.jinja"])
+def test_templates_whose_arguments_are_not_json_keep_calls_as_text(tiny_model, template):
+    """Gemma 4's call:NAME{key:<|"|>value<|"|>}, LFM2's [NAME(key='value')], XML parameters: no syntax to read."""
+    from ftkit.inference.replies import parse_reply
+
+    _, chat_format = syntax_format(tiny_model, template)
+    assert chat_format.features.arguments == "object" and chat_format.features.call_syntax is None
+    written = as_generated(chat_format, call_turn(CALLS[:1], ""), TOOLS)
+    assert "get_weather" in written and parse_reply(written, chat_format.tool_call_style).content == written
+
+
+def test_template_features_stay_picklable_and_hashable(tiny_model):
+    import pickle
+
+    _, chat_format = syntax_format(tiny_model, "gptoss.jinja")
+    features = chat_format.features
+    again = pickle.loads(pickle.dumps(features))
+    assert again == features and hash(again) == hash(features)
+    assert pickle.loads(pickle.dumps(chat_format.tool_call_style)) == chat_format.tool_call_style
+
+
+def test_serve_returns_tool_calls_written_in_the_templates_own_syntax(tiny_model, monkeypatch):
+    """OpenAI `tool_calls` from a gpt-oss-template answer, plain and streamed; without tools the answer is text."""
+    from fastapi.testclient import TestClient
+
+    from ftkit.commands.serve import Engine, create_app
+    from ftkit.inference import generate
+    from ftkit.inference.options import GenerationOptions
+
+    _, chat_format = syntax_format(tiny_model, "gptoss.jinja")
+    written = as_generated(chat_format, call_turn(CALLS[:1]), TOOLS)
+    monkeypatch.setattr(generate, "sample", lambda *args, **kwargs: [generate.Choice(written, 9, "stop")])
+    client = TestClient(create_app(Engine(None, chat_format, "m", GenerationOptions())))
+    ask = {"messages": [USER], "tools": TOOLS}
+    message = client.post("/v1/chat/completions", json=ask).json()["choices"][0]["message"]
+    [call] = message["tool_calls"]
+    assert call["function"]["name"] == CALLS[0][0] and json.loads(call["function"]["arguments"]) == CALLS[0][1]
+    assert message["content"] == "Let me check."
+    streamed = client.post("/v1/chat/completions", json={**ask, "stream": True}).text
+    chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    [delta] = [c["choices"][0]["delta"] for c in chunks if c["choices"][0]["delta"].get("tool_calls")]
+    assert delta["tool_calls"][0]["function"]["name"] == CALLS[0][0]
+    plain = client.post("/v1/chat/completions", json={"messages": [USER]}).json()["choices"][0]
+    assert plain["message"]["content"] == written and "tool_calls" not in plain["message"]

@@ -37,7 +37,7 @@ class Session:
         """Answer the history plus `message`, print it, and keep both (as a tool call when the answer is one)."""
         text = answer(self.model, self.chat_format, self.messages() + [message], self.options, self.stream,
                       self.tools)
-        reply = parse_reply(text, self.chat_format.features.tool_call_style if self.tools else None)
+        reply = parse_reply(text, self.chat_format.tool_call_style if self.tools else None)
         self.history += [message, history_message(reply)]
         for call in reply.tool_calls:
             note(f"(tool call {call['name']}({json.dumps(call['arguments'], ensure_ascii=False)}); answer it with "

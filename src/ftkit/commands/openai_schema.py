@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ftkit.data.call_syntax import CallSyntax
+
 MAX_N = 16  # choices (times prompts) per request: each is one more row in the batch
 
 
@@ -161,13 +163,13 @@ def usage(prompt_tokens: int, choices) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def chat_response(model: str, choices, used: dict, style: str | None = None) -> dict:
+def chat_response(model: str, choices, used: dict, style: str | CallSyntax | None = None) -> dict:
     """`style`: the tool-call syntax to read back into `tool_calls` (when the request had tools)."""
     return {**head("chat.completion", model), "usage": used, "choices": [
         {"index": i, **chat_message(c, style), "logprobs": None} for i, c in enumerate(choices)]}
 
 
-def chat_message(choice, style: str | None) -> dict:
+def chat_message(choice, style: str | CallSyntax | None) -> dict:
     """{"message": ..., "finish_reason": ...}: reasoning in a leading <think> block goes to `reasoning_content`,
     tool calls in the template's syntax to `tool_calls` (finish_reason "tool_calls")."""
     from ftkit.inference.replies import openai_tool_calls, parse_reply

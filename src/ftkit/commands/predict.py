@@ -257,7 +257,7 @@ def answer_rows(adapter, model_dir, base, dtype, trust_remote_code, pending: lis
             for example, text in zip(batch, outputs):
                 record = {MARK: 1, "row": example.row, "prompt": example.prompt, "output": text,
                           "reference": reference(chat_format, example)}
-                calls = parse_reply(text, chat_format.features.tool_call_style).tool_calls if example.tools else []
+                calls = parse_reply(text, chat_format.tool_call_style).tool_calls if example.tools else []
                 if calls:
                     record["tool_calls"] = calls
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")

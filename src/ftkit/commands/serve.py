@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 
 from ftkit.commands import openai_schema as schema
 from ftkit.commands.openai_schema import ChatRequest, CompletionRequest, Sampling
+from ftkit.data.call_syntax import CallSyntax
 from ftkit.errors import FtkitError
 from ftkit.inference.options import GenerationOptions
 from ftkit.inference.vllm import production_line
@@ -218,7 +219,7 @@ async def respond(engine: Engine, body: Sampling, prompts: list[list[int]], para
     options = [engine.options(body, len(ids), param) for ids in prompts]  # 400s before the queue
     cancelled = threading.Event()
     # With tools, calls in the template's syntax come back as tool_calls (a stream then sends each answer whole).
-    style = engine.chat_format.features.tool_call_style if chat and getattr(body, "tools", None) else None
+    style = engine.chat_format.tool_call_style if chat and getattr(body, "tools", None) else None
     if body.stream:
         return stream(engine, body, prompts, options, cancelled, chat, style)
     try:
@@ -236,7 +237,7 @@ async def respond(engine: Engine, body: Sampling, prompts: list[list[int]], para
 
 
 def stream(engine: Engine, body: Sampling, prompts, options, cancelled, chat: bool,
-           style: str | None = None) -> StreamingResponse:
+           style: str | CallSyntax | None = None) -> StreamingResponse:
     """Server-sent events fed from the generation thread through an asyncio queue; a client that leaves
     (Starlette cancels the response) sets `cancelled`, which stops generation at the next token."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -261,7 +262,7 @@ def stream(engine: Engine, body: Sampling, prompts, options, cancelled, chat: bo
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def whole_answer(top: dict, index: int, choice, style: str) -> dict:
+def whole_answer(top: dict, index: int, choice, style: str | CallSyntax) -> dict:
     """One chunk with an answer's content, reasoning and tool calls (OpenAI numbers streamed tool calls)."""
     found = schema.chat_message(choice, style)
     delta = {k: v for k, v in found["message"].items() if k != "role" and v is not None}
@@ -271,7 +272,7 @@ def whole_answer(top: dict, index: int, choice, style: str) -> dict:
 
 
 async def sse(model: str, body: Sampling, total: int, events: asyncio.Queue, cancelled, used, chat: bool,
-              style: str | None = None):
+              style: str | CallSyntax | None = None):
     top = schema.head("chat.completion.chunk" if chat else "text_completion", model)
 
     def chunk(index: int, text: str | None, finish: str | None = None) -> str:

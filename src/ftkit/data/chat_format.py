@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ftkit.data import template_features
+from ftkit.data.call_syntax import CallSyntax
 from ftkit.data.template_features import Features
 from ftkit.errors import FtkitError
 
@@ -67,6 +68,16 @@ class ChatFormat:
     def features(self) -> Features:
         """What the template does with tool calls, tool results, tool schemas and reasoning."""
         return template_features.detect(self._render)
+
+    @cached_property
+    def tool_call_style(self) -> str | CallSyntax | None:
+        """How to read tool calls back from a generated answer (inference/replies.py): features.tool_call_style, or
+        the template's own syntax as decoded text shows it (tokens that decoding skips removed)."""
+        features = self.features
+        if features.call_syntax is None:
+            return features.tool_call_style
+        hidden = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        return features.call_syntax.without(hidden | set(self.tokenizer.all_special_tokens))
 
     def _renders(self, messages: list[dict]) -> bool:
         try:

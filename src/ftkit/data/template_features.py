@@ -11,12 +11,16 @@ form to give it, and data it cannot render is refused instead of trained on with
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Callable
+
+from ftkit.data.call_syntax import CallSyntax, derive
 
 PROBE_Q, PROBE_A = "ftkitprobequestion", "ftkitprobeanswer"
 PROBE_TOOL, PROBE_SCHEMA, PROBE_RESULT = "ftkitprobetool", "ftkitprobeschema", "ftkitproberesult"
 PROBE_ARGS = {"ftkitprobearg": "ftkitprobevalue"}
+PROBE_OTHER = ("ftkitprobeother", {"ftkitprobearg": "ftkitprobeothervalue"})  # a second call
 PROBE_REASONING = "ftkitprobereasoning"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -28,12 +32,17 @@ class Features:
     tools: bool  # the tool schemas are rendered
     reasoning: bool  # an assistant turn's reasoning_content (or thinking) is rendered
     tool_call_style: str | None  # how the model writes a call: "tagged" (<tool_call>{json}</tool_call>), "json"
+    # (Llama-3.1's bare object), "template" (call_syntax: the template's own layout around JSON arguments)
+    call_syntax: CallSyntax | None = None
 
 
-def probe_call(arguments) -> list[dict]:
+def probe_call(arguments, other=None, content: str = "") -> list[dict]:
+    """A user turn and a call of the probe tool (then `other`'s, as (name, arguments), given), after `content`."""
+    calls = [(PROBE_TOOL, arguments)] + ([other] if other else [])
     return [{"role": "user", "content": PROBE_Q},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "id": "call_0", "function": {"name": PROBE_TOOL, "arguments": arguments}}]}]
+            {"role": "assistant", "content": content, "tool_calls": [
+                {"type": "function", "id": f"call_{i}", "function": {"name": name, "arguments": args}}
+                for i, (name, args) in enumerate(calls)]}]
 
 
 def shows_arguments(text: str) -> bool:
@@ -64,12 +73,29 @@ def detect(render: Callable[..., str]) -> Features:
     tools = PROBE_SCHEMA in attempt([{"role": "user", "content": PROBE_Q}], tools=[schema])
     reasoning = PROBE_REASONING in attempt([{"role": "user", "content": PROBE_Q}, {
         "role": "assistant", "content": PROBE_A, "reasoning_content": PROBE_REASONING}])
-    style = None
+    style, syntax = None, None
     if arguments:
-        turn = attempt(probe_call(value))
-        turn = turn[len(attempt(probe_call(value)[:1], add_generation_prompt=True)):]
+        prompt = attempt(probe_call(value)[:1], add_generation_prompt=True)
+        turn = generated(attempt(probe_call(value)), prompt)
         style = "tagged" if "<tool_call>" in turn else "json" if turn.lstrip().startswith("{") else None
-    return Features(arguments, tool_results, tools, reasoning, style)
+        if style is None:
+            other = PROBE_OTHER if arguments == "object" else (PROBE_OTHER[0], json.dumps(PROBE_OTHER[1]))
+            syntax = derive(turn, generated(attempt(probe_call(value, other)), prompt),
+                            generated(attempt(probe_call(value, content=PROBE_A)), prompt),
+                            PROBE_TOOL, PROBE_ARGS, PROBE_OTHER, PROBE_A)
+            style = "template" if syntax else None
+    return Features(arguments, tool_results, tools, reasoning, style, syntax)
+
+
+def generated(rendered: str, prompt: str) -> str:
+    """The last turn of `rendered` as a model continuing `prompt` writes it: after the prompt, or where the template
+    renders the turn otherwise than it prompts for it (DeepSeek-V3 prompts `<think>\\n`), after their common part."""
+    if rendered.startswith(prompt):
+        return rendered[len(prompt):]
+    common = os.path.commonprefix([rendered, prompt])
+    if common.rfind("<") > common.rfind(">"):  # not inside a token both share the start of (<｜Assistant｜><...)
+        common = common[:common.rfind("<")]
+    return rendered[len(common):]
 
 
 def for_template(messages: list[dict], features: Features) -> list[dict]:

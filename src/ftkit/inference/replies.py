@@ -1,10 +1,14 @@
 """A generated answer read back into its parts: reasoning, text, and tool calls in the syntax the chat template
 taught the model.
 
-Supported call syntaxes (ChatFormat.features.tool_call_style, found by rendering a probe call): "tagged", Qwen2.5's
-and Qwen3's (and Hermes') `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks; "json", Llama-3.1's
-bare `{"name": ..., "parameters": {...}}` answer (also a list of them, or several separated by ";"). Anything
-else stays text. Why our own: transformers' response parsing needs a per-model schema most tokenizers lack.
+Supported call syntaxes (ChatFormat.tool_call_style, found by rendering probe calls): "tagged", Qwen2.5's and
+Qwen3's (and Hermes') `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks; "json", Llama-3.1's bare
+`{"name": ..., "parameters": {...}}` answer (also a list of them, or several separated by ";"); and for any other
+template that writes the arguments as JSON, its own layout read off its rendering (data/call_syntax.py: gpt-oss's
+` to=functions.NAME<|channel|>commentary json<|message|>{...}<|call|>`, DeepSeek-V3's
+`<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME ```json {...}````, Mistral-like `[TOOL_CALLS][{...}]`). Calls whose
+arguments are not JSON (Gemma 4, LFM2, Qwen3.5's and GLM-4.5's XML parameters) stay text, as does anything that
+does not parse. Why our own: transformers' response parsing needs a per-model schema most tokenizers lack.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
+
+from ftkit.data.call_syntax import CallSyntax, read_calls
 
 TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.S)
@@ -25,9 +31,9 @@ class Reply:
     tool_calls: list[dict] = field(default_factory=list)  # [{"name", "arguments": {...}}]
 
 
-def parse_reply(text: str, style: str | None) -> Reply:
-    """Split a leading <think>...</think> off as reasoning; read tool calls when `style` names a syntax. Text that
-    does not parse as calls (malformed JSON, a missing name) stays content, whole."""
+def parse_reply(text: str, style: str | CallSyntax | None) -> Reply:
+    """Split a leading <think>...</think> off as reasoning; read tool calls when `style` names a syntax (or is the
+    template's own). Text that does not parse as calls (malformed JSON, a missing name) stays content, whole."""
     reasoning, original = None, text
     found = THINK.match(text)
     if found:
@@ -41,6 +47,10 @@ def parse_reply(text: str, style: str | None) -> Reply:
         parsed = json_calls(text.strip())
         if parsed:
             calls, text = parsed, ""
+    elif isinstance(style, CallSyntax):
+        parsed = read_calls(text, style)
+        if parsed:
+            text, calls = parsed
     if not found and not calls:
         return Reply(original)
     return Reply(text.strip(), reasoning, calls)
