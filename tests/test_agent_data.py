@@ -113,6 +113,8 @@ def test_reasoning_fields_multi_part_text_weights_and_row_kwargs():
     ([USER, {"role": "assistant", "content": "a"}], {"tools": "{bad"}, "'tools' is not valid JSON"),
     ([USER, {"role": "assistant", "content": "a"}], {"tools": [{"description": "no name"}]},
      "'tools': each tool needs a name (a function schema {name, description, parameters})"),
+    ([USER, {"role": "assistant", "content": "a"}], {"tools": [{"name": "f", "parameters": "{}"}]},
+     "'tools': the parameters of tool 'f' must be a JSON schema object, got str"),
     ([USER, {"role": "assistant", "content": "a"}], {"chat_template_kwargs": {"tools": []}},
      "'chat_template_kwargs' may not set tools: ftkit passes it to the template itself"),
     ([USER, {"role": "assistant", "content": "a", "weight": 2}], {},

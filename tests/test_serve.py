@@ -176,6 +176,28 @@ def test_bad_numbers_get_400_in_openai_error_shape(server):
     assert "the last message must be a user (or tool) turn" in err.value.message
 
 
+@pytest.mark.parametrize("raw, headers, param, message", [
+    (b'{"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}', {}, "messages",
+     "messages: turn 1: a tool result must follow an assistant turn that calls a tool"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": '
+     b'{"name": "f", "parameters": "x"}}]}', {}, "tools", "tools: the parameters of tool 'f' must be a JSON schema"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', {"content-type": "text/plain"}, None,
+     "the request body must be a JSON object, sent with Content-Type: application/json"),
+    (b'[1]', {}, None, "the request body must be a JSON object"),
+    (b'', {}, None, "the request body is empty: send a JSON object"),
+])
+def test_requests_openai_refuses_are_400_before_the_model(raw, headers, param, message):
+    from fastapi.testclient import TestClient
+
+    from ftkit.commands.serve import create_app
+
+    app = create_app(SimpleNamespace(name="m", created=0))  # refused before the engine generates anything
+    response = TestClient(app).post("/v1/chat/completions", content=raw,
+                                    headers={"content-type": "application/json", **headers})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == param and error["message"].startswith(message), error
+
+
 def test_absurd_max_tokens_is_capped_at_the_context(server):
     question, answer = CHATS[4]
     status, body = post(server, {"messages": conversation(question), "max_tokens": 10**9})

@@ -147,6 +147,10 @@ def validation_error_body(errors: list[dict]) -> dict:
     if errors and errors[0].get("type") == "json_invalid":
         detail = (errors[0].get("ctx") or {}).get("error", "")
         return error_body(f"the request body is not valid JSON: {detail}".rstrip(": "))
+    if errors and not where(errors[0]) and errors[0].get("type") in ("missing", "model_attributes_type"):
+        empty = errors[0]["type"] == "missing"  # else the body is not an object, or was not sent as JSON
+        return error_body("the request body is empty: send a JSON object" if empty else
+                          "the request body must be a JSON object, sent with Content-Type: application/json")
     problems = [f"{where(e)}: {e['msg'].removeprefix('Value error, ')}" if where(e) else
                 e["msg"].removeprefix("Value error, ") for e in errors]
     param = where(errors[0]) if errors else ""

@@ -180,13 +180,16 @@ def chat_prompt(engine: Engine, body: ChatRequest) -> list[int]:
     from jinja2 import TemplateError
 
     from ftkit.config.templates import template_kwargs_problem
-    from ftkit.data.messages import BadRow, normalise_tools
+    from ftkit.data.messages import BadRow, normalise_tools, orphan_tool_result
     from ftkit.inference.generate import prompt_ids
 
     try:
         messages = [m.for_template(number) for number, m in enumerate(body.messages, 1)]
     except BadRow as err:
         raise ApiError(400, f"messages: {err}", param="messages") from None
+    orphan = orphan_tool_result(messages)
+    if orphan:
+        raise ApiError(400, f"messages: {orphan}", param="messages")
     try:
         tools = normalise_tools(body.tools, "tools")
     except BadRow as err:

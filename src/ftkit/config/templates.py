@@ -85,5 +85,8 @@ def normalise_tools(raw: Any, where: str = "'tools'") -> list[dict] | None:
         function = tool.get("function") if isinstance(tool, dict) and isinstance(tool.get("function"), dict) else tool
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise BadRow(f"{where}: each tool needs a name (a function schema {{name, description, parameters}})")
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            raise BadRow(f"{where}: the parameters of tool '{function['name']}' must be a JSON schema object, got "
+                         f"{type(function['parameters']).__name__}")
         tools.append({"type": "function", "function": function})
     return tools or None

@@ -131,11 +131,25 @@ def first_problem(messages: list[dict]) -> str | None:
             return f"{where}: the conversation starts with an assistant turn; an answer needs a user turn before it"
         if role == "assistant" and not (m["content"].strip() or m.get("tool_calls") or m.get("reasoning_content")):
             return f"{where}: empty assistant turn"
-        if role == "tool" and not (before == "tool" or (before == "assistant" and previous.get("tool_calls"))):
+        if role == "tool" and not answers_a_call(previous):
             return f"{where}: a tool result must follow an assistant turn that calls a tool"
         if role in ("user", "assistant") and role == before:
             return f"{where}: two {role} turns in a row"
         previous = m
+    return None
+
+
+def answers_a_call(previous: dict | None) -> bool:
+    """Whether a tool result may come after `previous`: an assistant turn with tool calls, or another result."""
+    return bool(previous) and (previous["role"] == "tool" or
+                               (previous["role"] == "assistant" and bool(previous.get("tool_calls"))))
+
+
+def orphan_tool_result(messages: list[dict]) -> str | None:
+    """The first tool result that answers no tool call, named by turn (OpenAI refuses such a request too)."""
+    for i, m in enumerate(messages):
+        if m["role"] == "tool" and not answers_a_call(messages[i - 1] if i else None):
+            return f"turn {i + 1}: a tool result must follow an assistant turn that calls a tool"
     return None
 
 
