@@ -168,6 +168,10 @@ VALUE_ROWS = [
     Row("model-is-a-lora-run", validate("model_name_or_path=runs/x"), value(
         "model_name_or_path", "'runs/x' is a LoRA adapter (adapter_config.json), not a model; use its base model, "
         "or merge it first: ftkit merge --adapter runs/x --output DIR")),
+    Row("model-is-an-unfinished-run", validate("method=dpo", "model_name_or_path=runs/u"), value(
+        "model_name_or_path", "'runs/u': this run did not finish (no ftkit_run.json); resume it with `ftkit train "
+        "RECIPE --resume`"), files={"runs/u/adapter_config.json": "{}",
+                                    "runs/u/ftkit_owner.json": json.dumps({"written_by": "ftkit", "kind": "run"})}),
     Row("tokenizer-dir-without-tokenizer", validate("tokenizer_name_or_path=model"), value(
         "tokenizer_name_or_path", "'model' has no tokenizer_config.json or tokenizer.json, so it is not a tokenizer "
         "directory")),

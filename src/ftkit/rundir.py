@@ -180,16 +180,21 @@ def run_file(directory: Path, name: str) -> Path | None:
     return None
 
 
+def unfinished_problem(directory: Path) -> str | None:
+    """Why a run that was killed while training or saving cannot be used, and what to do; None if it can."""
+    directory = Path(directory)
+    if CHECKPOINT.match(directory.name) or state(directory) != "unfinished":
+        return None  # a checkpoint is complete on its own (transformers renames it into place)
+    newest = latest_checkpoint(directory)
+    hint = f", or use its newest checkpoint: {newest}" if newest else ""
+    return f"this run did not finish (no {DONE}); resume it with `ftkit train RECIPE --resume`{hint}"
+
+
 def require_finished(directory: Path) -> None:
     """chat/predict/merge/serve on a run that was killed while training or saving: one line, what to do."""
-    directory = Path(directory)
-    if CHECKPOINT.match(directory.name):
-        return  # a checkpoint is complete on its own (transformers renames it into place)
-    if state(directory) == "unfinished":
-        newest = latest_checkpoint(directory)
-        hint = f", or use its newest checkpoint: {newest}" if newest else ""
-        raise FtkitError(f"{directory}: this run did not finish (no {DONE}); resume it with "
-                         f"`ftkit train RECIPE --resume`{hint}")
+    problem = unfinished_problem(directory)
+    if problem:
+        raise FtkitError(f"{directory}: {problem}")
 
 
 def plan_training_dir(folder: Path, overwrite: bool, resume) -> str:

@@ -105,7 +105,12 @@ def is_run(name: str) -> bool:
 
 def local_dir_problem(name: str, needs: tuple[str, ...]) -> str | None:
     """A local model or tokenizer path that is missing, or a directory without the file that makes it one."""
+    from ftkit import rundir
+
     path = Path(name).expanduser()
+    unfinished = path.is_dir() and rundir.unfinished_problem(path)
+    if unfinished:
+        return f"'{name}': {unfinished}"
     if path.is_dir():
         if any((path / file).is_file() for file in needs):
             return None
