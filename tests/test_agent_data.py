@@ -113,8 +113,10 @@ def test_reasoning_fields_multi_part_text_weights_and_row_kwargs():
     ([USER, {"role": "assistant", "content": "a"}], {"tools": "{bad"}, "'tools' is not valid JSON"),
     ([USER, {"role": "assistant", "content": "a"}], {"tools": [{"description": "no name"}]},
      "'tools': each tool needs a name (a function schema {name, description, parameters})"),
-    ([USER, {"role": "assistant", "content": "a"}], {"tools": [{"name": "f", "parameters": "{}"}]},
-     "'tools': the parameters of tool 'f' must be a JSON schema object, got str"),
+    ([USER, {"role": "assistant", "content": "a"}], {"tools": [{"name": "f", "parameters": "[1]"}]},
+     "'tools': the parameters of tool 'f' must be a JSON schema object, got list"),
+    ([USER, {"role": "assistant", "content": "a"}], {"tools": [{"name": "f", "parameters": "{bad"}]},
+     "'tools': the parameters of tool 'f' is not valid JSON"),
     ([USER, {"role": "assistant", "content": "a"}], {"chat_template_kwargs": {"tools": []}},
      "'chat_template_kwargs' may not set tools: ftkit passes it to the template itself"),
     ([USER, {"role": "assistant", "content": "a", "weight": 2}], {},
@@ -707,3 +709,11 @@ def test_serve_returns_tool_calls_written_in_the_templates_own_syntax(tiny_model
     assert delta["tool_calls"][0]["function"]["name"] == CALLS[0][0]
     plain = client.post("/v1/chat/completions", json={"messages": [USER]}).json()["choices"][0]
     assert plain["message"]["content"] == written and "tool_calls" not in plain["message"]
+
+
+def test_tool_parameters_given_as_json_text_become_the_schema_object():
+    from ftkit.config.templates import normalise_tools
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    assert normalise_tools([{"name": "f", "parameters": json.dumps(schema)}]) == [
+        {"type": "function", "function": {"name": "f", "parameters": schema}}]

@@ -180,7 +180,7 @@ def test_bad_numbers_get_400_in_openai_error_shape(server):
     (b'{"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}', {}, "messages",
      "messages: turn 1: a tool result must follow an assistant turn that calls a tool"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": '
-     b'{"name": "f", "parameters": "x"}}]}', {}, "tools", "tools: the parameters of tool 'f' must be a JSON schema"),
+     b'{"name": "f", "parameters": 7}}]}', {}, "tools", "tools: the parameters of tool 'f' must be a JSON schema"),
     (b'{"messages": [{"role": "user", "content": "hi"}]}', {"content-type": "text/plain"}, None,
      "the request body must be a JSON object, sent with Content-Type: application/json"),
     (b'[1]', {}, None, "the request body must be a JSON object"),

@@ -85,8 +85,11 @@ def normalise_tools(raw: Any, where: str = "'tools'") -> list[dict] | None:
         function = tool.get("function") if isinstance(tool, dict) and isinstance(tool.get("function"), dict) else tool
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise BadRow(f"{where}: each tool needs a name (a function schema {{name, description, parameters}})")
-        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+        parameters = json_value(function.get("parameters"), f"{where}: the parameters of tool '{function['name']}'")
+        if parameters is not None and not isinstance(parameters, dict):
             raise BadRow(f"{where}: the parameters of tool '{function['name']}' must be a JSON schema object, got "
-                         f"{type(function['parameters']).__name__}")
+                         f"{type(parameters).__name__}")
+        if parameters is not None:  # JSON text (as some exports store it) becomes the object templates render
+            function = {**function, "parameters": parameters}
         tools.append({"type": "function", "function": function})
     return tools or None
