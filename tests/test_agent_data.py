@@ -391,7 +391,9 @@ def test_tool_files_and_template_kwargs_on_the_command_line_are_checked(tmp_path
     (tmp_path / "tools.json").write_text(json.dumps([WEATHER["function"]]))
     assert read_tools(tmp_path / "tools.json") == [WEATHER]
     (tmp_path / "empty.json").write_text("[]")
-    for name, message in (("missing.json", "no such file"), ("empty.json", "holds no function schemas")):
+    (tmp_path / "folder").mkdir()
+    for name, message in (("missing.json", "no such file"), ("empty.json", "holds no function schemas"),
+                          ("folder", "a directory; give a JSON file with a list of function schemas")):
         with pytest.raises(FtkitError, match=message):
             read_tools(tmp_path / name)
     assert parse_template_kwargs('{"enable_thinking": false}') == {"enable_thinking": False}

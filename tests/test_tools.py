@@ -120,6 +120,18 @@ def test_init_writes_a_commented_recipe_that_validates_and_never_replaces_a_file
     assert out.read_text() == text
 
 
+@pytest.mark.parametrize("option", ["--model", "--data"])
+def test_init_refuses_an_empty_path(option, tiny_model, tmp_path, capsys):
+    from tests.helpers import cli
+
+    data = write_jsonl(tmp_path / "chats.jsonl", rows())
+    given = {"--model": str(tiny_model), "--data": str(data), option: " "}
+    code, _, err = cli(["init", "--model", given["--model"], "--data", given["--data"], "-o",
+                        str(tmp_path / "r.yml")], capsys)
+    assert (code, err) == (2, f"ftkit: error: {option} is empty: give a path or a hub name\n")
+    assert not (tmp_path / "r.yml").exists()
+
+
 @pytest.mark.parametrize("gpu, method", [("80", "lora"), ("24", "qlora")])
 def test_init_picks_lora_or_qlora_from_the_estimate(gpu, method, tmp_path):
     model = tmp_path / "llama-8b"

@@ -217,6 +217,8 @@ def run_init(model: str, data: str, output: Path, gpu_memory: float = 24, echo=p
 
     for value, option in ((model, "--model"), (data, "--data"), (str(output), "--output")):
         check_arg_text(value, option)  # a recipe is UTF-8 YAML: a name it cannot hold is refused here
+        if not value.strip():
+            raise FtkitError(f"{option} is empty: give a path or a hub name")
     output = Path(output)
     if output.exists() or output.is_symlink():
         raise FtkitError(f"{output} already exists; ftkit init never replaces a file: choose another --output")

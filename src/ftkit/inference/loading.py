@@ -96,6 +96,8 @@ def read_tools(path: Path | None) -> list[dict] | None:
 
     if path is None:
         return None
+    if Path(path).is_dir():
+        raise FtkitError(f"--tools {path}: a directory; give a JSON file with a list of function schemas")
     if not Path(path).is_file():
         raise FtkitError(f"--tools {path}: no such file")
     try:
